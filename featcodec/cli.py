@@ -1,0 +1,351 @@
+"""The ``featcodec`` command line: a thin wrapper over :mod:`featcodec.codec`.
+
+Output discipline: data (the bitstream, results, JSON) goes to stdout;
+progress and messages go to stderr. Every error is one line on stderr:
+exit 2 for bad usage or bad input, 1 for anything else (``--debug`` shows the
+traceback). Heavy modules (torch) are imported inside the commands, so
+``featcodec --help`` and ``featcodec info`` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from .errors import FeatcodecError
+from .fileio import STDIO, atomic_write_bytes, read_input
+
+app = typer.Typer(
+    name="featcodec",
+    help="Codec for the intermediate tensors of split DNNs (rate ladders of bottleneck units).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_RATE = 3
+_state = {"debug": False}
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _say(message: str) -> None:
+    """A message for the user, on stderr."""
+    _stderr().print(message, markup=False)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def encode(
+    images: List[str] = typer.Argument(..., help="Image files, or '-' to read one image from stdin."),
+    rate: int = typer.Option(DEFAULT_RATE, "--rate", "-r", help="Rung of the rate ladder (0 = fewest bytes)."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone id."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Split point (default: the backbone's)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file, or '-' for stdout."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
+) -> None:
+    """Encode images into one bitstream (one record per image)."""
+    if images.count(STDIO) > 1:
+        raise FeatcodecError("stdin ('-') can be given only once")
+    to_stdout = output in (None, STDIO)
+    if to_stdout and sys.stdout.isatty():
+        raise FeatcodecError("refusing to write a binary stream to a terminal: use -o FILE or redirect stdout")
+    from .codec import Codec
+    from .images import load_image
+
+    sources = [load_image(read_input(name), name="<stdin>" if name == STDIO else name) for name in images]
+    codec = Codec.load(backbone, split, weights=weights)
+    data = codec.encode(sources, rate)
+    if to_stdout:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        atomic_write_bytes(output, data)
+    where = "stdout" if to_stdout else output
+    _say(
+        f"encoded {len(images)} image(s) with {codec.spec.name}/{codec.split.name} at rate {rate}: "
+        f"{len(data)} bytes -> {where}"
+    )
+
+
+def _decoded_to_json(result, top: int) -> dict:
+    from .ids import names_for
+
+    record = result.record
+    backbone, split = names_for(record.backbone_id, record.split_id)
+    ranked = result.top(top)
+    return {
+        "index": result.index,
+        "rank1_label": ranked[0]["label"],
+        "rank1_name": ranked[0]["name"],
+        "top": ranked,
+        "rate": record.rate,
+        "bytes": result.bytes,
+        "payload_bytes": record.payload_bytes,
+        "backbone": backbone,
+        "split": split,
+        "image_size": list(record.image_size),
+    }
+
+
+@app.command()
+def decode(
+    stream: str = typer.Argument(..., help="Bitstream file, or '-' for stdin."),
+    top: int = typer.Option(5, "--top", "-k", min=1, max=1000, help="How many classes to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per record."),
+    features: Optional[str] = typer.Option(
+        None, "--features", help="Save the reconstructed split tensors to this .safetensors file."
+    ),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
+) -> None:
+    """Decode a bitstream: rebuild the split tensors and run the tail."""
+    data = read_input(stream)
+    from . import bitstream
+
+    bitstream.parse_stream(data)  # refuse a bad stream before loading any model
+    from .codec import decode as decode_stream
+
+    results = decode_stream(data, weights=weights)
+    if features:
+        _save_features(features, results)
+    rows = [_decoded_to_json(result, top) for result in results]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    console = _stdout()
+    for row in rows:
+        table = Table(
+            title=f"record {row['index']}: {row['backbone']}/{row['split']} rate {row['rate']}, {row['bytes']} bytes",
+            title_justify="left",
+        )
+        table.add_column("rank", justify="right")
+        table.add_column("label", justify="right")
+        table.add_column("class")
+        table.add_column("prob", justify="right")
+        for rank, entry in enumerate(row["top"], 1):
+            table.add_row(str(rank), str(entry["label"]), entry["name"], f"{entry['prob']:.3f}")
+        console.print(table)
+
+
+def _save_features(path: str, results) -> None:
+    from safetensors.torch import save
+
+    tensors = {f"record{r.index}": r.features.contiguous() for r in results}
+    meta = {f"record{r.index}.rate": str(r.record.rate) for r in results}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    _say(f"saved {len(results)} split tensor(s) -> {path}")
+
+
+@app.command()
+def info(
+    stream: str = typer.Argument(..., help="Bitstream file, or '-' for stdin."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show the header fields and sizes of every record (loads no model)."""
+    from . import bitstream
+    from .ids import names_for
+
+    data = read_input(stream)
+    parsed = bitstream.parse_stream(data)
+    records = []
+    for index, item in enumerate(parsed):
+        record = item.record
+        backbone, split = names_for(record.backbone_id, record.split_id)
+        records.append(
+            {
+                "index": index,
+                "offset": item.offset,
+                "bytes": item.size,
+                "header_bytes": item.size - record.payload_bytes,
+                "payload_bytes": record.payload_bytes,
+                "backbone": backbone,
+                "split": split,
+                "rate": record.rate,
+                "weights_tag": record.weights_tag.hex(),
+                "image_size": list(record.image_size),
+                "latent_shape": list(record.latent_shape),
+            }
+        )
+    summary = {
+        "bytes": len(data),
+        "version": f"{bitstream.MAJOR_VERSION}.{bitstream.MINOR_VERSION}",
+        "records": records,
+    }
+    if as_json:
+        print(json.dumps(summary))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"featcodec stream v{summary['version']}, {len(data)} bytes, {len(records)} record(s)")
+    for column in ("#", "backbone", "split", "rate", "image", "latent", "payload", "header", "weights tag"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(
+            str(r["index"]), r["backbone"], r["split"], str(r["rate"]), "x".join(map(str, r["image_size"])),
+            "x".join(map(str, r["latent_shape"])), str(r["payload_bytes"]), str(r["header_bytes"]), r["weights_tag"],
+        )
+    _stdout().print(table)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List backbones, split points and the rungs of their shipped ladders."""
+    from .ids import BACKBONE_IDS, SPLITS
+    from .ladder import LadderError, find_ladder, read_ladder_metadata
+
+    entries = []
+    for backbone in BACKBONE_IDS:
+        for split, (split_id, shape) in SPLITS[backbone].items():
+            entry = {"backbone": backbone, "split": split, "split_id": split_id, "shape": list(shape), "rungs": []}
+            try:
+                path = find_ladder(backbone, split)
+            except LadderError:
+                path = None
+            if path is not None:
+                entry["weights"] = str(path)
+                entry["rungs"] = read_ladder_metadata(path)["rungs"]
+            entries.append(entry)
+    if as_json:
+        print(json.dumps(entries))
+        return
+    from rich.table import Table
+
+    table = Table(title="featcodec models")
+    for column in ("backbone", "split", "tensor", "rung", "lambda", "bytes/image", "top-1"):
+        table.add_column(column)
+    for e in entries:
+        shape = "x".join(map(str, e["shape"]))
+        if not e["rungs"]:
+            table.add_row(e["backbone"], e["split"], shape, "-", "no ladder shipped", "", "")
+        for k, rung in enumerate(e["rungs"]):
+            measured_bytes = rung.get("bytes_per_image")
+            top1 = rung.get("top1")
+            table.add_row(
+                e["backbone"], e["split"], shape, str(k), f"{rung.get('lambda', '?'):g}",
+                f"{measured_bytes:.1f}" if measured_bytes is not None else "-",
+                f"{100 * top1:.2f}%" if top1 is not None else "-",
+            )
+    _stdout().print(table)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="Folder of training images (recursive; no labels needed)."),
+    lambdas: str = typer.Option(..., "--lambdas", help="Comma-separated lambdas, one rung each, low rate first."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+    split: Optional[str] = typer.Option(None, "--split", "-s"),
+    distortion: str = typer.Option("mse", "--distortion", help="mse, kd or mse+kd."),
+    steps: int = typer.Option(2000, "--steps", min=1, help="Training steps per rung."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    learning_rate: float = typer.Option(1e-3, "--lr", min=0.0),
+    views: int = typer.Option(4, "--views", min=1, help="Augmented views per image in the feature cache."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Default: weights/<backbone>/<split>.safetensors"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the feature cache is kept."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train a rate ladder: one bottleneck unit per lambda, backbone frozen."""
+    try:
+        lambda_values = [float(v) for v in lambdas.split(",") if v.strip()]
+    except ValueError:
+        raise FeatcodecError(f"--lambdas must be comma-separated numbers, got '{lambdas}'") from None
+    from .backbones import get_backbone
+    from .train import TrainConfig, train_ladder
+
+    spec = get_backbone(backbone)
+    split = spec.split(split or spec.default_split).name
+    config = TrainConfig(
+        backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
+        learning_rate=learning_rate, views=views, seed=seed,
+    )
+    config.validate()
+    out = out or Path("weights") / backbone / f"{split}.safetensors"
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=_stderr(),
+    ) as progress:
+        task = progress.add_task("feature cache", total=None, status="")
+
+        def report(event: dict) -> None:
+            if event["phase"] == "cache":
+                progress.update(task, completed=event["done"], total=event["total"])
+            else:
+                status = f"loss {event['loss']:.1f} bits {event['bits']:.0f} " + " ".join(
+                    f"{k} {event[k]:.4g}" for k in ("mse", "kd") if k in event
+                )
+                progress.update(
+                    task, description=f"rung {event['rung']}", completed=event["step"],
+                    total=event["steps"], status=status,
+                )
+
+        ladder = train_ladder(config, data, out, resume=resume, cache_dir=cache_dir, device=device, reporter=report)
+    _say(f"wrote {len(ladder.rungs)}-rung ladder -> {out}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Console entry point: run the app, turning every error into one line on stderr."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        result = app(args=args, prog_name="featcodec", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("featcodec: interrupted", file=sys.stderr)
+        return 130
+    except TyperException as exc:  # bad usage: unknown option, missing or invalid parameter
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "featcodec"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"featcodec: error: {_one_line(Exception(message))} (try '{where} --help')", file=sys.stderr)
+        return getattr(exc, "exit_code", 2) or 2
+    except FeatcodecError as exc:
+        if debug:
+            raise
+        print(f"featcodec: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # noqa: BLE001  the last line of defence: one line, exit 1
+        if debug:
+            raise
+        print(f"featcodec: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    """Entry point used by ``python -m featcodec``."""
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The Python API: images -> bitstream on the client, bitstream -> predictions on the server.
+
+>>> codec = Codec.load("efficientnet_lite0", "stage3")
+>>> data = codec.encode(["photo.jpg"], rate=3)
+>>> [result.top(1) for result in codec.decode(data)]
+
+Encoding and decoding run one image at a time so that a given image always
+gives the same bytes and the same reconstructed tensor, whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+from PIL import Image
+
+from . import bitstream
+from .backbones import (
+    DEFAULT_BACKBONE,
+    BackboneSpec,
+    SplitModel,
+    SplitPoint,
+    backbone_by_id,
+    get_backbone,
+    load_split_model,
+)
+from .bitstream import BitstreamError, ParsedRecord, Record
+from .images import load_image, preprocess
+from .ladder import Ladder, find_ladder, load_ladder
+
+ImageSource = Union[str, Path, bytes, Image.Image]
+
+
+@lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names in label order (first synonym of each)."""
+    text = (Path(__file__).parent / "imagenet_classes.txt").read_text()
+    return tuple(line.split(",")[0].strip() for line in text.splitlines())
+
+
+@dataclass
+class DecodedImage:
+    """One decoded record: the rebuilt split tensor and the tail's prediction."""
+
+    index: int
+    record: Record
+    bytes: int  # record bytes, plus the preamble in front of it if any (they sum to the stream size)
+    features: torch.Tensor  # (C, H, W) reconstructed split tensor
+    logits: torch.Tensor  # (num_classes,)
+
+    def top(self, k: int = 5) -> list[dict]:
+        """The k most probable classes as ``{"label", "name", "prob"}`` dicts."""
+        probs = self.logits.softmax(-1)
+        values, labels = probs.topk(min(k, probs.numel()))
+        names = imagenet_class_names()
+        return [
+            {"label": int(label), "name": names[label] if label < len(names) else str(int(label)), "prob": float(value)}
+            for value, label in zip(values, labels)
+        ]
+
+
+class Codec:
+    """A split backbone plus its rate ladder of bottleneck units."""
+
+    def __init__(self, spec: BackboneSpec, split: SplitPoint, model: SplitModel, ladder: Ladder):
+        if (ladder.backbone, ladder.split) != (spec.name, split.name):
+            raise BitstreamError(
+                f"weights are for {ladder.backbone}/{ladder.split}, not {spec.name}/{split.name}"
+            )
+        self.spec = spec
+        self.split = split
+        self.model = model
+        self.ladder = ladder
+
+    @classmethod
+    def load(
+        cls,
+        backbone: str = DEFAULT_BACKBONE,
+        split: str | None = None,
+        *,
+        weights: str | Path | None = None,
+        ladder: Ladder | None = None,
+        backbone_weights: str | None = None,
+        random_init: bool = False,
+    ) -> "Codec":
+        """Build the codec for ``backbone``/``split`` with the shipped ladder, ``weights`` or ``ladder``."""
+        spec = get_backbone(backbone)
+        point = spec.split(split or spec.default_split)
+        if ladder is None:
+            ladder = load_ladder(weights or find_ladder(spec.name, point.name))
+        model = load_split_model(spec.name, point.name, backbone_weights, random_init)
+        return cls(spec, point, model, ladder)
+
+    @property
+    def num_rates(self) -> int:
+        """Number of rungs in the ladder."""
+        return len(self.ladder.rungs)
+
+    def preprocess(self, image: ImageSource) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The backbone input tensor (3, H, W) and the original (width, height)."""
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        return preprocess(image, self.spec.preprocessing), image.size
+
+    @torch.no_grad()
+    def encode_tensor(self, x: torch.Tensor, rate: int, image_size: tuple[int, int]) -> Record:
+        """Code one preprocessed input (3, H, W) at rung ``rate`` into a record."""
+        split_tensor = self.model.head(x.unsqueeze(0))
+        return self.encode_split_tensor(split_tensor, rate, image_size)
+
+    @torch.no_grad()
+    def encode_split_tensor(self, split_tensor: torch.Tensor, rate: int, image_size: tuple[int, int]) -> Record:
+        """Code one split tensor (1, C, H, W) at rung ``rate`` into a record."""
+        coded = self.ladder.rung(rate).compress(split_tensor)
+        return Record(
+            backbone_id=self.spec.id,
+            split_id=self.split.id,
+            rate=rate,
+            weights_tag=self.ladder.weights_tag,
+            image_size=tuple(image_size),
+            latent_shape=tuple(coded["shape"]),
+            strings=tuple(strings[0] for strings in coded["strings"]),
+        )
+
+    def encode(self, images: Sequence[ImageSource], rate: int = 0) -> bytes:
+        """Encode images into one stream with one record per image."""
+        self.ladder.rung(rate)  # fail fast on a bad rate index
+        records = []
+        for image in images:
+            x, size = self.preprocess(image)
+            records.append(self.encode_tensor(x, rate, size))
+        return bitstream.write_stream(records)
+
+    def check_record(self, record: Record) -> None:
+        """Refuse a record that this codec cannot decode, with the reason."""
+        if record.backbone_id != self.spec.id or record.split_id != self.split.id:
+            raise BitstreamError(
+                f"record is for backbone id {record.backbone_id} split id {record.split_id}, "
+                f"this codec is {self.spec.name}/{self.split.name}"
+            )
+        if record.weights_tag != self.ladder.weights_tag:
+            raise BitstreamError(
+                f"stream was made with other weights (tag {record.weights_tag.hex()}, "
+                f"these weights are {self.ladder.weights_tag.hex()})"
+            )
+        unit = self.ladder.rung(record.rate)
+        if tuple(record.latent_shape) != unit.latent_shape():
+            raise BitstreamError(
+                f"record latent shape {record.latent_shape} does not match the model's {unit.latent_shape()}"
+            )
+        if len(record.strings) != 1:
+            raise BitstreamError(f"record has {len(record.strings)} payload strings, expected 1")
+
+    @torch.no_grad()
+    def decode_split_tensor(self, record: Record) -> torch.Tensor:
+        """Rebuild the split tensor (1, C, H, W) of one record."""
+        self.check_record(record)
+        strings = [[s] for s in record.strings]
+        return self.ladder.rung(record.rate).decompress(strings, record.latent_shape)["x_hat"]
+
+    @torch.no_grad()
+    def decode(self, data: bytes) -> list[DecodedImage]:
+        """Decode every record of a stream into features and predictions."""
+        return [self.decode_parsed(index, parsed, bytes_) for index, (parsed, bytes_) in enumerate(_with_sizes(data))]
+
+    @torch.no_grad()
+    def decode_parsed(self, index: int, parsed: ParsedRecord, size: int) -> DecodedImage:
+        """Decode one parsed record."""
+        features = self.decode_split_tensor(parsed.record)
+        logits = self.model.tail(features)[0]
+        return DecodedImage(index, parsed.record, size, features[0], logits)
+
+
+def _with_sizes(data: bytes) -> list[tuple[ParsedRecord, int]]:
+    """Parsed records with their byte share: the record plus any preamble right before it."""
+    parsed = bitstream.parse_stream(data)
+    result, previous_end = [], 0
+    for item in parsed:
+        result.append((item, item.offset + item.size - previous_end))
+        previous_end = item.offset + item.size
+    return result
+
+
+def decode(
+    data: bytes,
+    *,
+    weights: str | Path | None = None,
+    backbone_weights: str | None = None,
+    random_init: bool = False,
+) -> list[DecodedImage]:
+    """Decode any stream: the codec for each record is chosen from its header."""
+    codecs: dict[tuple[int, int], Codec] = {}
+    results = []
+    for index, (parsed, size) in enumerate(_with_sizes(data)):
+        key = (parsed.record.backbone_id, parsed.record.split_id)
+        if key not in codecs:
+            spec = backbone_by_id(key[0])
+            point = spec.split_by_id(key[1])
+            codecs[key] = Codec.load(
+                spec.name, point.name, weights=weights, backbone_weights=backbone_weights, random_init=random_init
+            )
+        results.append(codecs[key].decode_parsed(index, parsed, size))
+    return results

@@ -1,0 +1,180 @@
+"""Rate ladders on disk: every rung's BU (CDF tables included) in one .safetensors file.
+
+Tensor keys are ``rung{k}.<state-dict key>``. The safetensors header metadata
+holds one JSON string under ``featcodec``: backbone, split, BU config and, per
+rung, its lambda and any measured bytes per image and top-1. The first 8 bytes
+of the file's SHA-256 is the *weights tag* that every bitstream record carries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .bottleneck import BottleneckConfig, BottleneckUnit
+from .errors import FeatcodecError
+from .fileio import atomic_write_bytes
+
+METADATA_KEY = "featcodec"
+LADDER_FORMAT = 1
+WEIGHTS_ENV = "FEATCODEC_WEIGHTS"
+
+
+class LadderError(FeatcodecError):
+    """A weights file that is missing, unreadable, or not a featcodec ladder."""
+
+
+@dataclass
+class Ladder:
+    """The BUs of one (backbone, split), rung 0 = lowest rate."""
+
+    backbone: str
+    split: str
+    config: BottleneckConfig
+    rungs: list[BottleneckUnit]
+    rung_info: list[dict]  # per rung: lambda, and optional measured figures
+    extra: dict = field(default_factory=dict)  # other metadata (training details)
+    weights_tag: bytes = b""
+    path: Path | None = None
+
+    def rung(self, index: int) -> BottleneckUnit:
+        """The BU of rung ``index``; LadderError if out of range."""
+        if not 0 <= index < len(self.rungs):
+            raise LadderError(
+                f"rate index {index} is out of range: the {self.backbone}/{self.split} ladder "
+                f"has rungs 0..{len(self.rungs) - 1}"
+            )
+        return self.rungs[index]
+
+    def metadata(self) -> dict:
+        """The JSON metadata stored in the file header."""
+        return {
+            "format": LADDER_FORMAT,
+            "backbone": self.backbone,
+            "split": self.split,
+            "bu": self.config.to_dict(),
+            "rungs": self.rung_info,
+            **self.extra,
+        }
+
+
+def save_ladder(ladder: Ladder, path: Path) -> bytes:
+    """Write the ladder atomically; returns its new weights tag. Rungs must have CDF tables."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for index, unit in enumerate(ladder.rungs):
+        if not unit.has_cdf_tables():
+            raise LadderError(f"rung {index} has no CDF tables: call update(force=True) first")
+        for key, tensor in unit.state_dict().items():
+            tensors[f"rung{index}.{key}"] = tensor.detach().cpu().contiguous()
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(ladder.metadata(), sort_keys=True)})
+    atomic_write_bytes(Path(path), data)
+    ladder.path = Path(path)
+    ladder.weights_tag = weights_tag(data)
+    return ladder.weights_tag
+
+
+def weights_tag(data: bytes) -> bytes:
+    """First 8 bytes of SHA-256 over the weights file's bytes."""
+    return hashlib.sha256(data).digest()[:8]
+
+
+def read_ladder_metadata(path: Path) -> dict:
+    """The featcodec metadata JSON from a safetensors header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})[METADATA_KEY])
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        kind = "no '%s' metadata" % METADATA_KEY if isinstance(exc, KeyError) else "unreadable header"
+        raise LadderError(f"{path}: not a featcodec ladder ({kind})") from None
+    if not isinstance(meta, dict) or meta.get("format") != LADDER_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise LadderError(f"{path}: unsupported ladder format {found!r}")
+    return meta
+
+
+def load_ladder(path: str | Path) -> Ladder:
+    """Load a ladder from a .safetensors file (never pickle); LadderError on any fault."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise LadderError(f"weights file not found: {path}")
+    meta = read_ladder_metadata(path)
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+    except Exception as exc:
+        raise LadderError(f"{path}: cannot read tensors ({str(exc).splitlines()[0]})") from None
+    try:
+        config = BottleneckConfig.from_dict(meta["bu"])
+        rung_info = list(meta["rungs"])
+        backbone, split = meta["backbone"], meta["split"]
+    except (KeyError, TypeError) as exc:
+        raise LadderError(f"{path}: incomplete ladder metadata ({exc})") from None
+    rungs = []
+    for index in range(len(rung_info)):
+        prefix = f"rung{index}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        unit = BottleneckUnit(config)
+        try:
+            unit.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError) as exc:
+            raise LadderError(f"{path}: rung {index} does not fit its config ({str(exc).splitlines()[0]})") from None
+        if not unit.has_cdf_tables():
+            raise LadderError(f"{path}: rung {index} lacks its CDF tables")
+        rungs.append(unit.eval())
+    if not rungs:
+        raise LadderError(f"{path}: the ladder has no rungs")
+    known = {"format", "backbone", "split", "bu", "rungs"}
+    return Ladder(
+        backbone=backbone,
+        split=split,
+        config=config,
+        rungs=rungs,
+        rung_info=rung_info,
+        extra={k: v for k, v in meta.items() if k not in known},
+        weights_tag=weights_tag(data),
+        path=path,
+    )
+
+
+def weights_dirs() -> list[Path]:
+    """Where ladders are looked up: $FEATCODEC_WEIGHTS, the installed package, the source tree."""
+    dirs = []
+    if os.environ.get(WEIGHTS_ENV):
+        dirs.append(Path(os.environ[WEIGHTS_ENV]))
+    package = Path(__file__).resolve().parent
+    dirs += [package / "_weights", package.parent / "weights"]
+    return dirs
+
+
+def find_ladder(backbone: str, split: str) -> Path:
+    """Path of the shipped ladder ``<backbone>/<split>.safetensors``; LadderError if none."""
+    for directory in weights_dirs():
+        candidate = directory / backbone / f"{split}.safetensors"
+        if candidate.is_file():
+            return candidate
+    raise LadderError(
+        f"no trained ladder for {backbone}/{split}: train one with 'featcodec train' "
+        f"or pass --weights PATH"
+    )
+
+
+def untrained_ladder(backbone: str, split: str, config: BottleneckConfig, lambdas: list[float], seed: int = 0) -> Ladder:
+    """A ladder of freshly initialised BUs with CDF tables built (for tests and as a training start)."""
+    torch.manual_seed(seed)
+    rungs = []
+    for _ in lambdas:
+        unit = BottleneckUnit(config).eval()
+        unit.update(force=True)
+        rungs.append(unit)
+    return Ladder(backbone, split, config, rungs, [{"lambda": lam} for lam in lambdas])

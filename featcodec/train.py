@@ -1,0 +1,385 @@
+"""Training a rate ladder: one BU per lambda, backbone frozen, loss = bits/image + lambda * D.
+
+The head runs once per augmented view and the split tensors (plus teacher
+logits for distillation) are cached on disk, so training the BUs costs only
+the BU (and, for ``kd``, the frozen tail). Checkpoints are written atomically
+every few hundred steps; ``resume=True`` continues from the last one and
+reaches the same weights as an uninterrupted run, because every batch is drawn
+from a generator seeded by (seed, rung, step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import SplitModel, get_backbone, load_split_model
+from .bottleneck import BottleneckConfig, BottleneckUnit
+from .errors import FeatcodecError
+from .images import ImageError, load_image
+from .fileio import atomic_write_bytes
+from .ladder import Ladder, save_ladder
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+DISTORTIONS = ("mse", "kd", "mse+kd")
+
+
+class TrainError(FeatcodecError):
+    """Bad training input: data folder, lambdas, distortion."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run's result."""
+
+    backbone: str
+    split: str
+    lambdas: list[float]
+    distortion: str = "mse"
+    steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    aux_learning_rate: float = 1e-3
+    views: int = 4  # augmented views per image in the feature cache
+    seed: int = 0
+    checkpoint_every: int = 250
+    kd_temperature: float = 1.0
+    kd_weight: float = 1.0  # weight of the kd term relative to mse in "mse+kd"
+
+    def validate(self) -> None:
+        """Raise TrainError on values that cannot train."""
+        if not self.lambdas:
+            raise TrainError("give at least one lambda")
+        if any(not (lam > 0 and math.isfinite(lam)) for lam in self.lambdas):
+            raise TrainError(f"every lambda must be a positive number, got {self.lambdas}")
+        if self.distortion not in DISTORTIONS:
+            raise TrainError(f"unknown distortion '{self.distortion}' (choose from {', '.join(DISTORTIONS)})")
+        if self.steps < 1 or self.batch_size < 1 or self.views < 1:
+            raise TrainError("steps, batch size and views must be positive")
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """All image files under ``root``, recursively, in a stable order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TrainError(f"data folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise TrainError(f"no images found under {root}")
+    return files
+
+
+def _augment(prep) -> Callable:
+    import torchvision.transforms as T
+
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(prep.crop, scale=(0.35, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(prep.mean, prep.std),
+        ]
+    )
+    return transform
+
+
+def build_feature_cache(
+    model: SplitModel,
+    backbone: str,
+    files: list[Path],
+    views: int,
+    seed: int,
+    with_logits: bool,
+    batch_size: int = 32,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run the head over ``views`` augmented views of every image: ``{"features", "logits"?}`` in fp16."""
+    prep = get_backbone(backbone).preprocessing
+    transform = _augment(prep)
+    torch.manual_seed(seed)
+    images = []
+    for path in files:
+        try:
+            images.append(load_image(path))
+        except ImageError:
+            continue  # unreadable files in a training folder are skipped
+    if not images:
+        raise TrainError("none of the data folder's images could be read")
+    features, logits = [], []
+    total = len(images) * views
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        x = torch.stack(batch).to(device)
+        with torch.no_grad():
+            split_tensor = model.head(x)
+            features.append(split_tensor.half().cpu())
+            if with_logits:
+                logits.append(model.tail(split_tensor).half().cpu())
+        batch.clear()
+
+    done = 0
+    for _ in range(views):
+        for image in images:
+            batch.append(transform(image))
+            if len(batch) == batch_size:
+                flush()
+            done += 1
+            if progress:
+                progress(done, total)
+    if batch:
+        flush()
+    cache = {"features": torch.cat(features)}
+    if with_logits:
+        cache["logits"] = torch.cat(logits)
+    return cache
+
+
+def cache_key(config: TrainConfig, files: list[Path], with_logits: bool) -> str:
+    """A hash naming the cache: backbone, split, views, seed, teacher logits and the file list."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([config.backbone, config.split, config.views, config.seed, with_logits]).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_or_build_cache(
+    config: TrainConfig, model: SplitModel, files: list[Path], cache_dir: Path, device: str, progress=None
+) -> dict[str, torch.Tensor]:
+    """The feature cache for this run, built once and kept in ``cache_dir``."""
+    from safetensors.torch import load_file, save
+
+    with_logits = config.distortion != "mse"
+    path = Path(cache_dir) / f"{config.backbone}-{config.split}-{cache_key(config, files, with_logits)}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    cache = build_feature_cache(
+        model, config.backbone, files, config.views, config.seed, with_logits, device=device, progress=progress
+    )
+    atomic_write_bytes(path, save(cache))
+    return cache
+
+
+def bits_per_image(likelihoods: torch.Tensor) -> torch.Tensor:
+    """Estimated bits per image from the entropy model's likelihoods, averaged over the batch."""
+    return -torch.log2(likelihoods).sum() / likelihoods.shape[0]
+
+
+def distortion(
+    kind: str,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    tail: torch.nn.Module | None,
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """The distortion terms: ``mse`` of the split tensor and/or ``kd`` through the frozen tail."""
+    terms = {}
+    if "mse" in kind:
+        terms["mse"] = F.mse_loss(x_hat, x)
+    if "kd" in kind:
+        student = tail(x_hat) / temperature
+        teacher = teacher_logits / temperature
+        terms["kd"] = kd_weight * F.kl_div(
+            F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean"
+        ) * temperature**2
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def _optimizers(unit: BottleneckUnit, config: TrainConfig):
+    main = [p for n, p in unit.named_parameters() if not n.endswith(".quantiles")]
+    aux = [p for n, p in unit.named_parameters() if n.endswith(".quantiles")]
+    return torch.optim.Adam(main, lr=config.learning_rate), torch.optim.Adam(aux, lr=config.aux_learning_rate)
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    """Cosine decay to 5% of the initial rate."""
+    progress = step / max(1, config.steps)
+    return config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"{prefix}.{index}.{name}"] = torch.as_tensor(value).clone()
+    return out
+
+
+def _restore_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state = optimizer.state_dict()
+    restored: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            index, name = key[len(prefix) + 1 :].split(".", 1)
+            restored.setdefault(int(index), {})[name] = value
+    state["state"] = restored
+    optimizer.load_state_dict(state)
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where the checkpoint of a run writing ``out`` lives."""
+    return out.with_name(out.name + ".ckpt.safetensors")
+
+
+def _save_checkpoint(path: Path, config: TrainConfig, finished: list[BottleneckUnit], rung: int, step: int,
+                     unit=None, opt=None, aux_opt=None) -> None:
+    """Finished rungs, plus the rung in progress (weights, optimizers, RNG) when step > 0."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for index, done in enumerate(finished):
+        tensors.update({f"done{index}.{k}": v for k, v in done.state_dict().items()})
+    if unit is not None:
+        tensors.update({f"current.{k}": v for k, v in unit.state_dict().items()})
+        tensors.update(_flatten_optimizer("opt", opt))
+        tensors.update(_flatten_optimizer("aux", aux_opt))
+        tensors["rng"] = torch.get_rng_state()
+    meta = {"rung": rung, "step": step, "config": json.dumps(config.__dict__, sort_keys=True)}
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={k: str(v) for k, v in meta.items()}))
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        return result.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def train_ladder(
+    config: TrainConfig,
+    data: str | Path,
+    out: str | Path,
+    bu_config: BottleneckConfig | None = None,
+    *,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
+    backbone_weights: str | None = None,
+    random_init: bool = False,
+    reporter: Callable[[dict], None] | None = None,
+) -> Ladder:
+    """Train one BU per lambda on the images under ``data`` and write the ladder to ``out``."""
+    from safetensors.torch import load_file
+
+    config.validate()
+    spec = get_backbone(config.backbone)
+    point = spec.split(config.split)
+    files = list_images(data)
+    out = Path(out)
+    started = time.time()
+    model = load_split_model(spec.name, point.name, backbone_weights, random_init).to(device)
+    cache = load_or_build_cache(
+        config, model, files, Path(cache_dir or out.parent / ".featcodec-cache"), device,
+        progress=(lambda done, total: reporter({"phase": "cache", "done": done, "total": total})) if reporter else None,
+    )
+    features = cache["features"]
+    logits = cache.get("logits")
+    channels, height, width = features.shape[1:]
+    bu_config = bu_config or BottleneckConfig(in_channels=channels, out_size=(height, width))
+    if (bu_config.in_channels, *bu_config.out_size) != (channels, height, width):
+        raise TrainError(f"BU config {bu_config} does not fit split tensors of shape {(channels, height, width)}")
+
+    finished: list[BottleneckUnit] = []
+    first_rung, first_step, resumed = 0, 0, None
+    ckpt = checkpoint_path(out)
+    if resume and ckpt.is_file():
+        resumed = load_file(str(ckpt))
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt), framework="pt") as handle:
+            meta = handle.metadata()
+        if json.loads(meta["config"]) != json.loads(json.dumps(config.__dict__, sort_keys=True)):
+            raise TrainError(f"checkpoint {ckpt} was made with other settings; delete it or match them")
+        first_rung, first_step = int(meta["rung"]), int(meta["step"])
+        for index in range(first_rung):
+            unit = BottleneckUnit(bu_config)
+            unit.load_state_dict({k.split(".", 1)[1]: v for k, v in resumed.items() if k.startswith(f"done{index}.")})
+            finished.append(unit)
+
+    tail = model.tail if "kd" in config.distortion else None
+    for rung in range(first_rung, len(config.lambdas)):
+        lam = config.lambdas[rung]
+        torch.manual_seed(config.seed + 1000 * rung)
+        unit = BottleneckUnit(bu_config).to(device)
+        opt, aux_opt = _optimizers(unit, config)
+        step = 0
+        if resumed is not None and rung == first_rung and first_step > 0:
+            unit.load_state_dict({k.split(".", 1)[1]: v for k, v in resumed.items() if k.startswith("current.")})
+            _restore_optimizer("opt", opt, resumed)
+            _restore_optimizer("aux", aux_opt, resumed)
+            torch.set_rng_state(resumed["rng"])
+            step = first_step
+        unit.train()
+        while step < config.steps:
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rung * 100_003 + step)
+            index = torch.randint(len(features), (config.batch_size,), generator=generator)
+            x = features[index].float().to(device)
+            teacher = logits[index].float().to(device) if logits is not None else None
+            for group in opt.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            output = unit(x)
+            bits = bits_per_image(output["likelihoods"]["y"])
+            terms = distortion(config.distortion, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight)
+            loss = bits + lam * terms["total"]
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unit.parameters(), 1.0)
+            opt.step()
+            aux_loss = unit.aux_loss()
+            aux_opt.zero_grad()
+            aux_loss.backward()
+            aux_opt.step()
+            step += 1
+            if reporter:
+                reporter({"phase": "train", "rung": rung, "step": step, "steps": config.steps, "loss": loss.item(),
+                          "bits": bits.item(), **{k: v.item() for k, v in terms.items()}})
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                _save_checkpoint(ckpt, config, finished, rung, step, unit, opt, aux_opt)
+        unit = unit.cpu().eval()
+        unit.update(force=True)
+        finished.append(unit)
+        if rung + 1 < len(config.lambdas):
+            _save_checkpoint(ckpt, config, finished, rung + 1, 0)
+
+    elapsed = time.time() - started
+    ladder = Ladder(
+        backbone=spec.name,
+        split=point.name,
+        config=bu_config,
+        rungs=finished,
+        rung_info=[
+            {"lambda": lam, "steps": config.steps, "distortion": config.distortion} for lam in config.lambdas
+        ],
+        extra={
+            "training": {
+                "data": f"{len(files)} images under {Path(data).name}/, {config.views} augmented views each",
+                "batch_size": config.batch_size,
+                "seconds": round(elapsed, 1),
+                "device": device,
+                "git_commit": _git_commit(),
+                "seed": config.seed,
+            }
+        },
+    )
+    save_ladder(ladder, out)
+    ckpt.unlink(missing_ok=True)
+    return ladder

