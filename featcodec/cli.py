@@ -265,6 +265,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed"),
+    warm_start: bool = typer.Option(False, "--warm-start", help="Start each rung from the previous rung's weights."),
 ) -> None:
     """Train a rate ladder: one bottleneck unit per lambda, backbone frozen."""
     try:
@@ -278,7 +279,7 @@ def train(
     split = spec.split(split or spec.default_split).name
     config = TrainConfig(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
-        learning_rate=learning_rate, views=views, seed=seed,
+        learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
     )
     config.validate()
     out = out or Path("weights") / backbone / f"{split}.safetensors"
@@ -306,6 +307,80 @@ def train(
     _say(f"wrote {len(ladder.rungs)}-rung ladder -> {out}")
 
 
+@app.command("eval")
+def evaluate_command(
+    data: Path = typer.Option(..., "--data", help="labels.csv folder (file,label) or ImageFolder of WNIDs."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
+    split: Optional[str] = typer.Option(None, "--split", "-s"),
+    sweep: bool = typer.Option(False, "--sweep", help="Evaluate every rung of the ladder."),
+    rate: Optional[int] = typer.Option(None, "--rate", "-r", help="Evaluate this rung only."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N images only."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
+    record: bool = typer.Option(
+        False, "--record", help="Store each rung's measured bytes and top-1 in the ladder's metadata."
+    ),
+) -> None:
+    """Measure bytes per image and accuracy per rung on labelled images."""
+    if sweep == (rate is not None):
+        raise FeatcodecError("give exactly one of --sweep or --rate K")
+    from .codec import Codec
+    from .evaluate import evaluate, labelled_images
+
+    items = labelled_images(data)[:limit]
+    codec = Codec.load(backbone, split, weights=weights)
+    rates = list(range(codec.num_rates)) if sweep else [rate]
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=_stderr(),
+    ) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        result = evaluate(codec, items, rates, progress=report)
+    if record:
+        _record_measurements(codec, result, data)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.table import Table
+
+    unc = result["uncompressed"]
+    table = Table(
+        title=f"{result['backbone']}/{result['split']} on {result['images']} images: "
+        f"uncompressed top-1 {100 * unc['top1']:.2f}%, top-5 {100 * unc['top5']:.2f}%"
+    )
+    for column in ("rate", "bytes/image", "payload", "bpp", "top-1", "top-5", "agree", "mse", "enc ms", "dec ms"):
+        table.add_column(column, justify="right")
+    for p in result["points"]:
+        table.add_row(
+            str(p["rate"]), f"{p['bytes_per_image']:.1f}", f"{p['payload_bytes_per_image']:.1f}", f"{p['bpp']:.4f}",
+            f"{100 * p['top1']:.2f}%", f"{100 * p['top5']:.2f}%", f"{100 * p['agreement']:.2f}%",
+            f"{p['mse']:.4g}", f"{p['encode_ms']:.2f}", f"{p['decode_ms']:.2f}",
+        )
+    _stdout().print(table)
+
+
+def _record_measurements(codec, result: dict, data: Path) -> None:
+    from .ladder import save_ladder
+
+    ladder = codec.ladder
+    for point in result["points"]:
+        ladder.rung_info[point["rate"]].update(
+            bytes_per_image=round(point["bytes_per_image"], 2), top1=round(point["top1"], 5)
+        )
+    ladder.extra["measured_on"] = f"{result['images']} images of {data.name}/"
+    ladder.extra["uncompressed_top1"] = round(result["uncompressed"]["top1"], 5)
+    tag = save_ladder(ladder, ladder.path)
+    _say(f"recorded measurements in {ladder.path} (new weights tag {tag.hex()})")
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -330,6 +405,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "featcodec"
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if not message.strip():  # bare 'featcodec': the help was already shown
+            return getattr(exc, "exit_code", 2) or 2
         print(f"featcodec: error: {_one_line(Exception(message))} (try '{where} --help')", file=sys.stderr)
         return getattr(exc, "exit_code", 2) or 2
     except FeatcodecError as exc:

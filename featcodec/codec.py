@@ -36,10 +36,16 @@ ImageSource = Union[str, Path, bytes, Image.Image]
 
 
 @lru_cache(maxsize=1)
+def imagenet_synsets() -> tuple[tuple[str, str], ...]:
+    """The 1000 ImageNet-1k classes in label order as (WNID, name) pairs (first synonym)."""
+    text = (Path(__file__).parent / "imagenet_synsets.txt").read_text()
+    pairs = (line.split(" ", 1) for line in text.splitlines() if line.strip())
+    return tuple((wnid, words.split(",")[0].strip()) for wnid, words in pairs)
+
+
 def imagenet_class_names() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k class names in label order (first synonym of each)."""
-    text = (Path(__file__).parent / "imagenet_classes.txt").read_text()
-    return tuple(line.split(",")[0].strip() for line in text.splitlines())
+    """The 1000 ImageNet-1k class names in label order."""
+    return tuple(name for _, name in imagenet_synsets())
 
 
 @dataclass

@@ -54,6 +54,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     kd_temperature: float = 1.0
     kd_weight: float = 1.0  # weight of the kd term relative to mse in "mse+kd"
+    warm_start: bool = False  # start rung k from rung k-1's weights instead of from scratch
 
     def validate(self) -> None:
         """Raise TrainError on values that cannot train."""
@@ -319,7 +320,10 @@ def train_ladder(
     for rung in range(first_rung, len(config.lambdas)):
         lam = config.lambdas[rung]
         torch.manual_seed(config.seed + 1000 * rung)
-        unit = BottleneckUnit(bu_config).to(device)
+        unit = BottleneckUnit(bu_config)
+        if config.warm_start and finished:
+            unit.load_state_dict(finished[-1].state_dict())
+        unit = unit.to(device)
         opt, aux_opt = _optimizers(unit, config)
         step = 0
         if resumed is not None and rung == first_rung and first_step > 0:

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from conftest import COFFEE
+from featcodec.bottleneck import BottleneckConfig
+from featcodec.codec import Codec
+from featcodec.ladder import load_ladder
+from featcodec.train import TrainConfig, TrainError, checkpoint_path, train_ladder
+
+SMALL_BU = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=8, hidden_channels=16)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Eight generated images in nested folders, plus a file that is not an image."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        folder = root / f"class{index % 2}"
+        folder.mkdir(exist_ok=True)
+        base = rng.integers(0, 255, (1, 1, 3))
+        noise = rng.integers(0, 60, (96, 128, 3))
+        Image.fromarray((base + noise).clip(0, 255).astype("uint8")).save(folder / f"img{index}.png")
+    (root / "readme.txt").write_text("not an image")
+    return root
+
+
+def tiny_config(**changes):
+    values = dict(backbone="efficientnet_lite0", split="stage5", lambdas=[0.01, 10.0], distortion="mse",
+                  steps=12, batch_size=4, views=1, checkpoint_every=5)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_tiny_training_run_writes_a_ladder_that_decodes(image_folder, tmp_path):
+    out = tmp_path / "stage5.safetensors"
+    events = []
+    train_ladder(tiny_config(distortion="mse+kd"), image_folder, out, SMALL_BU, cache_dir=tmp_path / "cache",
+                 reporter=events.append)
+    assert not checkpoint_path(out).exists()
+    ladder = load_ladder(out)
+    assert [r["lambda"] for r in ladder.rung_info] == [0.01, 10.0]
+    assert ladder.extra["training"]["data"].startswith("8 images")
+    train_events = [e for e in events if e["phase"] == "train"]
+    assert {"bits", "mse", "kd", "loss"} <= set(train_events[-1])
+    codec = Codec.load("efficientnet_lite0", "stage5", weights=out)
+    for rate in (0, 1):
+        results = codec.decode(codec.encode([COFFEE], rate=rate))
+        assert results[0].features.shape == (192, 7, 7)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(image_folder, tmp_path):
+    cache = tmp_path / "cache"
+    reference = train_ladder(tiny_config(), image_folder, tmp_path / "a.safetensors", SMALL_BU, cache_dir=cache)
+
+    class Killed(Exception):
+        pass
+
+    def interrupt(event):
+        if event["phase"] == "train" and event["rung"] == 1 and event["step"] == 7:
+            raise Killed
+
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(Killed):
+        train_ladder(tiny_config(), image_folder, out, SMALL_BU, cache_dir=cache, reporter=interrupt)
+    assert checkpoint_path(out).exists() and not out.exists()
+    resumed = train_ladder(tiny_config(), image_folder, out, SMALL_BU, cache_dir=cache, resume=True)
+    for a, b in zip(reference.rungs, resumed.rungs):
+        for (key, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(va, vb, atol=1e-6), key
+    with pytest.raises(Killed):
+        train_ladder(tiny_config(), image_folder, out, SMALL_BU, cache_dir=cache, reporter=interrupt)
+    with pytest.raises(TrainError, match="other settings"):
+        train_ladder(tiny_config(steps=13), image_folder, out, SMALL_BU, cache_dir=cache, resume=True)
+
+
+def test_larger_lambda_gives_more_bits_and_less_distortion(image_folder, tmp_path):
+    from featcodec.train import bits_per_image, load_or_build_cache
+    from featcodec.backbones import load_split_model
+
+    config = tiny_config(lambdas=[0.001, 100.0], steps=60)
+    ladder = train_ladder(config, image_folder, tmp_path / "l.safetensors", SMALL_BU, cache_dir=tmp_path / "c")
+    model = load_split_model("efficientnet_lite0", "stage5")
+    features = load_or_build_cache(config, model, sorted(image_folder.rglob("*.png")), tmp_path / "c", "cpu")["features"]
+    batch = features[:8].float()
+    measured = []
+    with torch.no_grad():
+        for unit in ladder.rungs:
+            out = unit(batch)
+            measured.append((bits_per_image(out["likelihoods"]["y"]).item(), torch.mean((out["x_hat"] - batch) ** 2).item()))
+    (bits_low, mse_low), (bits_high, mse_high) = measured
+    assert bits_high > bits_low
+    assert mse_high < mse_low
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [({"lambdas": [1.0, -2.0]}, "positive"), ({"lambdas": []}, "at least one"), ({"distortion": "l1"}, "unknown distortion")],
+)
+def test_bad_training_settings(changes, message, image_folder, tmp_path):
+    with pytest.raises(TrainError, match=message):
+        train_ladder(tiny_config(**changes), image_folder, tmp_path / "x.safetensors", SMALL_BU)
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainError, match="no images"):
+        train_ladder(tiny_config(), tmp_path / "empty", tmp_path / "x.safetensors", SMALL_BU)
+    with pytest.raises(TrainError, match="not found"):
+        train_ladder(tiny_config(), tmp_path / "missing", tmp_path / "x.safetensors", SMALL_BU)
