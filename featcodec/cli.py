@@ -266,6 +266,10 @@ def train(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed"),
     warm_start: bool = typer.Option(False, "--warm-start", help="Start each rung from the previous rung's weights."),
+    pretrain_steps: int = typer.Option(
+        0, "--pretrain-steps", min=0, help="mse-only steps that initialise the rungs (helps kd converge)."
+    ),
+    pretrain_lambda: float = typer.Option(1000.0, "--pretrain-lambda", min=0.0),
 ) -> None:
     """Train a rate ladder: one bottleneck unit per lambda, backbone frozen."""
     try:
@@ -273,15 +277,17 @@ def train(
     except ValueError:
         raise FeatcodecError(f"--lambdas must be comma-separated numbers, got '{lambdas}'") from None
     from .backbones import get_backbone
-    from .train import TrainConfig, train_ladder
+    from .train import TrainConfig, list_images, train_ladder
 
     spec = get_backbone(backbone)
     split = spec.split(split or spec.default_split).name
     config = TrainConfig(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
+        pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda,
     )
     config.validate()
+    files = list_images(data)
     out = out or Path("weights") / backbone / f"{split}.safetensors"
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -299,11 +305,11 @@ def train(
                     f"{k} {event[k]:.4g}" for k in ("mse", "kd") if k in event
                 )
                 progress.update(
-                    task, description=f"rung {event['rung']}", completed=event["step"],
+                    task, description="pretrain" if event["rung"] == "pre" else f"rung {event['rung']}", completed=event["step"],
                     total=event["steps"], status=status,
                 )
 
-        ladder = train_ladder(config, data, out, resume=resume, cache_dir=cache_dir, device=device, reporter=report)
+        ladder = train_ladder(config, data, out, files=files, resume=resume, cache_dir=cache_dir, device=device, reporter=report)
     _say(f"wrote {len(ladder.rungs)}-rung ladder -> {out}")
 
 

@@ -55,6 +55,8 @@ class TrainConfig:
     kd_temperature: float = 1.0
     kd_weight: float = 1.0  # weight of the kd term relative to mse in "mse+kd"
     warm_start: bool = False  # start rung k from rung k-1's weights instead of from scratch
+    pretrain_steps: int = 0  # mse-only steps that initialise the rungs (cheap; helps kd converge)
+    pretrain_lambda: float = 1000.0
 
     def validate(self) -> None:
         """Raise TrainError on values that cannot train."""
@@ -213,6 +215,40 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
     return config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config) -> dict[str, float]:
+    """One optimisation step of loss = bits/image + lam * D, then one aux (quantile) step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    output = unit(x)
+    bits = bits_per_image(output["likelihoods"]["y"])
+    terms = distortion(kind, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight)
+    loss = bits + lam * terms["total"]
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unit.parameters(), 1.0)
+    opt.step()
+    aux_loss = unit.aux_loss()
+    aux_opt.zero_grad()
+    aux_loss.backward()
+    aux_opt.step()
+    return {"loss": loss.item(), "bits": bits.item(), **{k: v.item() for k, v in terms.items()}}
+
+
+def _pretrain(bu_config, features, config: TrainConfig, device: str, reporter) -> dict[str, torch.Tensor]:
+    """Deterministic mse-only training that gives every rung a sensible starting point."""
+    torch.manual_seed(config.seed - 1)
+    unit = BottleneckUnit(bu_config).to(device).train()
+    opt, aux_opt = _optimizers(unit, config)
+    for step in range(config.pretrain_steps):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 - 1 - step)
+        x = features[torch.randint(len(features), (config.batch_size,), generator=generator)].float().to(device)
+        lr = config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / config.pretrain_steps)))
+        stats = _train_step(unit, opt, aux_opt, x, None, config.pretrain_lambda, lr, "mse", None, config)
+        if reporter:
+            reporter({"phase": "train", "rung": "pre", "step": step + 1, "steps": config.pretrain_steps, **stats})
+    return {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
+
+
 def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
     for index, state in optimizer.state_dict()["state"].items():
@@ -277,14 +313,18 @@ def train_ladder(
     backbone_weights: str | None = None,
     random_init: bool = False,
     reporter: Callable[[dict], None] | None = None,
+    files: list[Path] | None = None,
 ) -> Ladder:
-    """Train one BU per lambda on the images under ``data`` and write the ladder to ``out``."""
+    """Train one BU per lambda on the images under ``data`` and write the ladder to ``out``.
+
+    ``files`` may pass :func:`list_images` of ``data`` when the caller already listed it.
+    """
     from safetensors.torch import load_file
 
     config.validate()
     spec = get_backbone(config.backbone)
     point = spec.split(config.split)
-    files = list_images(data)
+    files = files or list_images(data)
     out = Path(out)
     started = time.time()
     model = load_split_model(spec.name, point.name, backbone_weights, random_init).to(device)
@@ -317,12 +357,17 @@ def train_ladder(
             finished.append(unit)
 
     tail = model.tail if "kd" in config.distortion else None
+    init_state = None
     for rung in range(first_rung, len(config.lambdas)):
         lam = config.lambdas[rung]
+        if config.pretrain_steps and init_state is None and not (config.warm_start and finished):
+            init_state = _pretrain(bu_config, features, config, device, reporter)
         torch.manual_seed(config.seed + 1000 * rung)
         unit = BottleneckUnit(bu_config)
         if config.warm_start and finished:
             unit.load_state_dict(finished[-1].state_dict())
+        elif init_state is not None:
+            unit.load_state_dict(init_state)
         unit = unit.to(device)
         opt, aux_opt = _optimizers(unit, config)
         step = 0
@@ -338,24 +383,11 @@ def train_ladder(
             index = torch.randint(len(features), (config.batch_size,), generator=generator)
             x = features[index].float().to(device)
             teacher = logits[index].float().to(device) if logits is not None else None
-            for group in opt.param_groups:
-                group["lr"] = _learning_rate(config, step)
-            output = unit(x)
-            bits = bits_per_image(output["likelihoods"]["y"])
-            terms = distortion(config.distortion, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight)
-            loss = bits + lam * terms["total"]
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unit.parameters(), 1.0)
-            opt.step()
-            aux_loss = unit.aux_loss()
-            aux_opt.zero_grad()
-            aux_loss.backward()
-            aux_opt.step()
+            kind = config.distortion
+            stats = _train_step(unit, opt, aux_opt, x, teacher, lam, _learning_rate(config, step), kind, tail, config)
             step += 1
             if reporter:
-                reporter({"phase": "train", "rung": rung, "step": step, "steps": config.steps, "loss": loss.item(),
-                          "bits": bits.item(), **{k: v.item() for k, v in terms.items()}})
+                reporter({"phase": "train", "rung": rung, "step": step, "steps": config.steps, **stats})
             if step % config.checkpoint_every == 0 and step < config.steps:
                 _save_checkpoint(ckpt, config, finished, rung, step, unit, opt, aux_opt)
         unit = unit.cpu().eval()

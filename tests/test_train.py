@@ -46,15 +46,21 @@ def test_tiny_training_run_writes_a_ladder_that_decodes(image_folder, tmp_path):
     assert ladder.extra["training"]["data"].startswith("8 images")
     train_events = [e for e in events if e["phase"] == "train"]
     assert {"bits", "mse", "kd", "loss"} <= set(train_events[-1])
+    assert train_events[-1]["rung"] == 1 and train_events[-1]["step"] == 12
     codec = Codec.load("efficientnet_lite0", "stage5", weights=out)
     for rate in (0, 1):
         results = codec.decode(codec.encode([COFFEE], rate=rate))
         assert results[0].features.shape == (192, 7, 7)
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(image_folder, tmp_path):
+@pytest.mark.parametrize("schedule", [{}, {"pretrain_steps": 4, "warm_start": True}, {"pretrain_steps": 4}])
+def test_resume_after_interruption_matches_uninterrupted_run(image_folder, tmp_path, schedule):
     cache = tmp_path / "cache"
-    reference = train_ladder(tiny_config(), image_folder, tmp_path / "a.safetensors", SMALL_BU, cache_dir=cache)
+
+    def tiny(**changes):
+        return tiny_config(**{**schedule, **changes})
+
+    reference = train_ladder(tiny(), image_folder, tmp_path / "a.safetensors", SMALL_BU, cache_dir=cache)
 
     class Killed(Exception):
         pass
@@ -65,16 +71,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(image_folder, tmp_p
 
     out = tmp_path / "b.safetensors"
     with pytest.raises(Killed):
-        train_ladder(tiny_config(), image_folder, out, SMALL_BU, cache_dir=cache, reporter=interrupt)
+        train_ladder(tiny(), image_folder, out, SMALL_BU, cache_dir=cache, reporter=interrupt)
     assert checkpoint_path(out).exists() and not out.exists()
-    resumed = train_ladder(tiny_config(), image_folder, out, SMALL_BU, cache_dir=cache, resume=True)
+    resumed = train_ladder(tiny(), image_folder, out, SMALL_BU, cache_dir=cache, resume=True)
     for a, b in zip(reference.rungs, resumed.rungs):
         for (key, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.allclose(va, vb, atol=1e-6), key
     with pytest.raises(Killed):
-        train_ladder(tiny_config(), image_folder, out, SMALL_BU, cache_dir=cache, reporter=interrupt)
+        train_ladder(tiny(), image_folder, out, SMALL_BU, cache_dir=cache, reporter=interrupt)
     with pytest.raises(TrainError, match="other settings"):
-        train_ladder(tiny_config(steps=13), image_folder, out, SMALL_BU, cache_dir=cache, resume=True)
+        train_ladder(tiny(steps=13), image_folder, out, SMALL_BU, cache_dir=cache, resume=True)
 
 
 def test_larger_lambda_gives_more_bits_and_less_distortion(image_folder, tmp_path):
@@ -111,3 +117,24 @@ def test_empty_data_folder(tmp_path):
         train_ladder(tiny_config(), tmp_path / "empty", tmp_path / "x.safetensors", SMALL_BU)
     with pytest.raises(TrainError, match="not found"):
         train_ladder(tiny_config(), tmp_path / "missing", tmp_path / "x.safetensors", SMALL_BU)
+
+
+def test_train_cli_writes_a_ladder_and_reports_bad_settings(image_folder, tmp_path, capsys):
+    from featcodec.cli import main
+
+    out = tmp_path / "cli.safetensors"
+    args = ["train", "--data", str(image_folder), "--split", "stage5", "--lambdas", "1,10", "--steps", "3",
+            "--batch-size", "2", "--views", "1", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert len(load_ladder(out).rungs) == 2
+    assert "wrote 2-rung ladder" in capsys.readouterr().err
+    for bad, message in [
+        (["--lambdas", "1,-2"], "positive"),
+        (["--lambdas", "1,x"], "comma-separated numbers"),
+        (["--split", "stage9"], "unknown split"),
+        (["--distortion", "l1"], "unknown distortion"),
+        (["--data", str(tmp_path / "nothing")], "not found"),
+    ]:
+        assert main(args + bad) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
