@@ -297,17 +297,22 @@ def train(
     ) as progress:
         task = progress.add_task("feature cache", total=None, status="")
 
+        # A live bar needs a terminal; into a log file, print a plain line now and then instead.
+        plain_log = not progress.console.is_terminal
+
         def report(event: dict) -> None:
             if event["phase"] == "cache":
                 progress.update(task, completed=event["done"], total=event["total"])
-            else:
-                status = f"loss {event['loss']:.1f} bits {event['bits']:.0f} " + " ".join(
-                    f"{k} {event[k]:.4g}" for k in ("mse", "kd") if k in event
-                )
-                progress.update(
-                    task, description="pretrain" if event["rung"] == "pre" else f"rung {event['rung']}", completed=event["step"],
-                    total=event["steps"], status=status,
-                )
+                if plain_log and event["done"] == event["total"]:
+                    _say(f"feature cache: {event['total']} views")
+                return
+            status = f"loss {event['loss']:.1f} bits {event['bits']:.0f} " + " ".join(
+                f"{k} {event[k]:.4g}" for k in ("mse", "kd") if k in event
+            )
+            description = "pretrain" if event["rung"] == "pre" else f"rung {event['rung']}"
+            progress.update(task, description=description, completed=event["step"], total=event["steps"], status=status)
+            if plain_log and (event["step"] % 50 == 0 or event["step"] == event["steps"]):
+                _say(f"{description} step {event['step']}/{event['steps']}: {status}")
 
         ladder = train_ladder(config, data, out, files=files, resume=resume, cache_dir=cache_dir, device=device, reporter=report)
     _say(f"wrote {len(ladder.rungs)}-rung ladder -> {out}")
