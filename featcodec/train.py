@@ -27,7 +27,7 @@ from .bottleneck import BottleneckConfig, BottleneckUnit
 from .errors import FeatcodecError
 from .images import ImageError, load_image
 from .fileio import atomic_write_bytes
-from .ladder import Ladder, save_ladder
+from .ladder import Ladder, load_ladder, save_ladder
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 DISTORTIONS = ("mse", "kd", "mse+kd")
@@ -249,6 +249,20 @@ def _pretrain(bu_config, features, config: TrainConfig, device: str, reporter) -
     return {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
 
 
+def _initial_ladder(path, backbone: str, split: str, bu_config: BottleneckConfig, rungs: int) -> Ladder | None:
+    """The ladder that ``--init-from`` names, checked against this run."""
+    if path is None:
+        return None
+    ladder = load_ladder(path)
+    if (ladder.backbone, ladder.split) != (backbone, split):
+        raise TrainError(f"--init-from {path} is a {ladder.backbone}/{ladder.split} ladder, not {backbone}/{split}")
+    if ladder.config != bu_config:
+        raise TrainError(f"--init-from {path} has BU config {ladder.config.to_dict()}, this run {bu_config.to_dict()}")
+    if len(ladder.rungs) != rungs:
+        raise TrainError(f"--init-from {path} has {len(ladder.rungs)} rungs, --lambdas gives {rungs}")
+    return ladder
+
+
 def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
     for index, state in optimizer.state_dict()["state"].items():
@@ -314,10 +328,13 @@ def train_ladder(
     random_init: bool = False,
     reporter: Callable[[dict], None] | None = None,
     files: list[Path] | None = None,
+    init_from: str | Path | None = None,
 ) -> Ladder:
     """Train one BU per lambda on the images under ``data`` and write the ladder to ``out``.
 
     ``files`` may pass :func:`list_images` of ``data`` when the caller already listed it.
+    ``init_from`` names a ladder whose rung k starts rung k here (to train a ladder further,
+    or fine-tune it on other data); it must have the same backbone, split, BU config and rung count.
     """
     from safetensors.torch import load_file
 
@@ -335,10 +352,13 @@ def train_ladder(
     features = cache["features"]
     logits = cache.get("logits")
     channels, height, width = features.shape[1:]
+    if bu_config is None and init_from is not None:
+        bu_config = load_ladder(init_from).config
     bu_config = bu_config or BottleneckConfig(in_channels=channels, out_size=(height, width))
     if (bu_config.in_channels, *bu_config.out_size) != (channels, height, width):
         raise TrainError(f"BU config {bu_config} does not fit split tensors of shape {(channels, height, width)}")
 
+    initial = _initial_ladder(init_from, spec.name, point.name, bu_config, len(config.lambdas))
     finished: list[BottleneckUnit] = []
     first_rung, first_step, resumed = 0, 0, None
     ckpt = checkpoint_path(out)
@@ -360,11 +380,13 @@ def train_ladder(
     init_state = None
     for rung in range(first_rung, len(config.lambdas)):
         lam = config.lambdas[rung]
-        if config.pretrain_steps and init_state is None and not (config.warm_start and finished):
+        if initial is None and config.pretrain_steps and init_state is None and not (config.warm_start and finished):
             init_state = _pretrain(bu_config, features, config, device, reporter)
         torch.manual_seed(config.seed + 1000 * rung)
         unit = BottleneckUnit(bu_config)
-        if config.warm_start and finished:
+        if initial is not None:
+            unit.load_state_dict(initial.rungs[rung].state_dict())
+        elif config.warm_start and finished:
             unit.load_state_dict(finished[-1].state_dict())
         elif init_state is not None:
             unit.load_state_dict(init_state)
@@ -403,13 +425,19 @@ def train_ladder(
         config=bu_config,
         rungs=finished,
         rung_info=[
-            {"lambda": lam, "steps": config.steps, "distortion": config.distortion} for lam in config.lambdas
+            {
+                "lambda": lam,
+                "steps": config.steps + (initial.rung_info[k].get("steps", 0) if initial else 0),
+                "distortion": config.distortion,
+            }
+            for k, lam in enumerate(config.lambdas)
         ],
         extra={
             "training": {
                 "data": f"{len(files)} images under {Path(data).name}/, {config.views} augmented views each",
                 "batch_size": config.batch_size,
-                "seconds": round(elapsed, 1),
+                "seconds": round(elapsed + (initial.extra.get("training", {}).get("seconds", 0) if initial else 0), 1),
+                **({"init_from": Path(init_from).name} if initial else {}),
                 "device": device,
                 "git_commit": _git_commit(),
                 "seed": config.seed,

@@ -138,3 +138,24 @@ def test_train_cli_writes_a_ladder_and_reports_bad_settings(image_folder, tmp_pa
         assert main(args + bad) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_init_from_continues_each_rung_of_a_ladder(image_folder, tmp_path):
+    cache = tmp_path / "cache"
+    first = tmp_path / "first.safetensors"
+    train_ladder(tiny_config(steps=3), image_folder, first, SMALL_BU, cache_dir=cache)
+    zero = tmp_path / "zero.safetensors"
+    # 1 step at learning rate 0 changes nothing but the quantiles' aux step: g_a/g_s are rung k of `first`
+    train_ladder(tiny_config(steps=1, learning_rate=0.0), image_folder, zero, cache_dir=cache, init_from=first)
+    before, after = load_ladder(first), load_ladder(zero)
+    assert after.config == SMALL_BU and [r["steps"] for r in after.rung_info] == [4, 4]
+    for old, new in zip(before.rungs, after.rungs):
+        for name, value in old.g_a.state_dict().items():
+            assert torch.equal(value, new.g_a.state_dict()[name])
+    assert after.extra["training"]["init_from"] == "first.safetensors"
+    with pytest.raises(TrainError, match="rungs"):
+        train_ladder(tiny_config(lambdas=[1.0]), image_folder, tmp_path / "x.safetensors", cache_dir=cache,
+                     init_from=first)
+    with pytest.raises(TrainError, match="BU config"):
+        other = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=4, hidden_channels=16)
+        train_ladder(tiny_config(), image_folder, tmp_path / "y.safetensors", other, cache_dir=cache, init_from=first)
