@@ -2,39 +2,39 @@
 
 Each image is coded alone, as a one-record stream, so ``bytes_per_image``
 is the whole stream a client would send for it, preamble and header included.
-The head runs once per image and its output is reused for every rung.
+The head runs once per image and its output is reused for every rung and for
+the split-tensor baselines (see :mod:`featcodec.baselines`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from . import bitstream
+from .baselines import (
+    JPEG_QUALITIES,
+    expand_baselines,
+    jpeg_encode_all,
+    jpeg_points,
+    run_batched,
+    split_tensor_points,
+)
 from .codec import Codec, imagenet_synsets
 from .errors import FeatcodecError
-from .images import load_image
+from .images import crop_image, load_image, normalise
+from .metrics import PointResult, Reference, accuracy, bd_rate, summarise
 
-
-@dataclass
-class RungResult:
-    """Measured figures of one rung over the evaluated images (accuracies are fractions)."""
-
-    rate: int
-    bytes_per_image: float
-    payload_bytes_per_image: float
-    bpp: float
-    top1: float
-    top5: float
-    agreement: float
-    mse: float
-    encode_ms: float
-    decode_ms: float
+POINT_FIELDS = (
+    "method", "setting", "rate", "bytes_per_image", "payload_bytes_per_image", "bpp",
+    "top1", "top5", "agreement", "mse", "encode_ms", "decode_ms",
+)
 
 
 def labelled_images(root: str | Path) -> list[tuple[Path, int]]:
@@ -65,75 +65,127 @@ def labelled_images(root: str | Path) -> list[tuple[Path, int]]:
     return items
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    top5 = logits.topk(5, dim=-1).indices
-    return (top5[:, 0] == labels).float().mean().item(), (top5 == labels[:, None]).any(-1).float().mean().item()
-
-
 @torch.no_grad()
 def evaluate(
     codec: Codec,
     items: list[tuple[Path, int]],
     rates: list[int],
     progress: Callable[[str, int, int], None] | None = None,
+    baselines: Sequence[str] = (),
 ) -> dict:
-    """Evaluate ``rates`` of ``codec`` on ``items``: uncompressed accuracy plus one RungResult per rate."""
+    """Evaluate ``rates`` of ``codec`` and the ``baselines`` (group or method names) on ``items``.
+
+    Returns the uncompressed accuracy, one point per rate and baseline setting
+    (the fields of :class:`~featcodec.metrics.PointResult`), and the BD-rate of
+    the featcodec curve against each baseline method (None where undefined).
+    """
+    methods = expand_baselines(baselines)
+    if not items:
+        raise FeatcodecError("no images to evaluate")
     for rate in rates:
         codec.ladder.rung(rate)
-    split_tensors, sizes, labels = [], [], []
+    prep = codec.spec.preprocessing
+    split_tensors, sizes, labels, jpeg_files = [], [], [], []
     for done, (path, label) in enumerate(items, 1):
-        x, size = codec.preprocess(load_image(path))
-        split_tensors.append(codec.model.head(x.unsqueeze(0)))
-        sizes.append(size)
+        image = load_image(path)
+        crop = crop_image(image, prep)
+        split_tensors.append(codec.model.head(normalise(crop, prep).unsqueeze(0)))
+        sizes.append(image.size)
         labels.append(label)
+        if "jpeg" in methods:
+            jpeg_files.append(jpeg_encode_all(crop, JPEG_QUALITIES))
         if progress:
             progress("head", done, len(items))
-    labels_t = torch.tensor(labels)
-    reference = torch.cat([codec.model.tail(t) for t in split_tensors])
-    top1, top5 = _accuracy(reference, labels_t)
-    reference_rank1 = reference.argmax(-1)
-    crop = codec.spec.preprocessing.crop
-    results = []
-    for rate in rates:
-        unit = codec.ladder.rung(rate)
-        total_bytes = payload = 0
-        encode_s = decode_s = 0.0
-        logits, squared_error = [], 0.0
-        for done, (tensor, size) in enumerate(zip(split_tensors, sizes), 1):
-            start = time.perf_counter()
-            record = codec.encode_split_tensor(tensor, rate, size)
-            stream = bitstream.write_stream([record])
-            middle = time.perf_counter()
-            decoded = codec.decode_split_tensor(bitstream.read_stream(stream)[0])
-            decode_s += time.perf_counter() - middle
-            encode_s += middle - start
-            total_bytes += len(stream)
-            payload += record.payload_bytes
-            squared_error += torch.mean((decoded - tensor) ** 2).item()
-            logits.append(codec.model.tail(decoded))
-            if progress:
-                progress(f"rate {rate}", done, len(items))
-        logits_t = torch.cat(logits)
-        rung_top1, rung_top5 = _accuracy(logits_t, labels_t)
-        count = len(items)
-        results.append(
-            RungResult(
-                rate=rate,
-                bytes_per_image=total_bytes / count,
-                payload_bytes_per_image=payload / count,
-                bpp=8 * total_bytes / count / (crop * crop),
-                top1=rung_top1,
-                top5=rung_top5,
-                agreement=(logits_t.argmax(-1) == reference_rank1).float().mean().item(),
-                mse=squared_error / count,
-                encode_ms=1000 * encode_s / count,
-                decode_ms=1000 * decode_s / count,
-            )
-        )
+    logits = run_batched(codec.model.tail, split_tensors)
+    reference = Reference(split_tensors, torch.tensor(labels), logits, prep.crop * prep.crop)
+    top1, top5 = accuracy(reference.logits, reference.labels)
+    points = [_featcodec_point(codec, rate, sizes, reference, progress) for rate in rates]
+    if "jpeg" in methods:
+        points += jpeg_points(jpeg_files, codec.model, prep, reference, JPEG_QUALITIES, progress)
+    points += split_tensor_points([m for m in methods if m != "jpeg"], codec.model, reference, progress)
+    featcodec_curve = _curve(points, "featcodec")
     return {
         "backbone": codec.spec.name,
         "split": codec.split.name,
         "images": len(items),
         "uncompressed": {"top1": top1, "top5": top5},
-        "points": [{"method": "featcodec", "setting": f"rate {r.rate}", **asdict(r)} for r in results],
+        "points": [asdict(point) for point in points],
+        "bd_rate": {method: bd_rate(_curve(points, method), featcodec_curve) for method in methods},
     }
+
+
+def _curve(points: list[PointResult], method: str) -> list[tuple[float, float]]:
+    return [(p.bytes_per_image, p.top1) for p in points if p.method == method]
+
+
+def _featcodec_point(
+    codec: Codec,
+    rate: int,
+    sizes: list[tuple[int, int]],
+    reference: Reference,
+    progress: Callable[[str, int, int], None] | None,
+) -> PointResult:
+    total_bytes = payload = 0
+    encode_s = decode_s = squared_error = 0.0
+    decoded_tensors = []
+    for done, (tensor, size) in enumerate(zip(reference.split_tensors, sizes), 1):
+        start = time.perf_counter()
+        record = codec.encode_split_tensor(tensor, rate, size)
+        stream = bitstream.write_stream([record])
+        middle = time.perf_counter()
+        decoded = codec.decode_split_tensor(bitstream.read_stream(stream)[0])
+        decode_s += time.perf_counter() - middle
+        encode_s += middle - start
+        total_bytes += len(stream)
+        payload += record.payload_bytes
+        squared_error += torch.mean((decoded - tensor) ** 2).item()
+        decoded_tensors.append(decoded)
+        if progress:
+            progress(f"rate {rate}", done, len(sizes))
+    return summarise(
+        "featcodec", f"rate {rate}", rate, reference,
+        logits=run_batched(codec.model.tail, decoded_tensors),
+        total_bytes=total_bytes,
+        payload_bytes=payload,
+        squared_error=squared_error,
+        encode_s=encode_s,
+        decode_s=decode_s,
+    )
+
+
+def points_csv(*results: dict) -> bytes:
+    """The points of :func:`evaluate` results as CSV (UTF-8, one row per point, empty rate for baselines)."""
+    fields = ("backbone", "split") + POINT_FIELDS
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for result in results:
+        for point in result["points"]:
+            row = {key: "" if point.get(key) is None else point.get(key) for key in POINT_FIELDS}
+            writer.writerow({"backbone": result["backbone"], "split": result["split"], **row})
+    return text.getvalue().encode()
+
+
+def plot_png(result: dict) -> bytes:
+    """PNG of top-1 against bytes per image (log axis), one curve per method, uncompressed top-1 as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    methods = list(dict.fromkeys(p["method"] for p in result["points"]))
+    for method in methods:
+        curve = sorted((p["bytes_per_image"], 100 * p["top1"]) for p in result["points"] if p["method"] == method)
+        axes.plot([b for b, _ in curve], [a for _, a in curve], "o-", label=method, markersize=4)
+    axes.axhline(100 * result["uncompressed"]["top1"], color="grey", linestyle="--", label="uncompressed")
+    axes.set_xscale("log")
+    axes.set_xlabel("bytes per image")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title(f"{result['backbone']}/{result['split']} on {result['images']} images")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -43,11 +43,21 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
         raise ImageError(f"{label}: cannot decode image ({exc})") from None
 
 
-def preprocess(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """Resize the short side, centre-crop and normalise: a (3, crop, crop) float tensor."""
+def crop_image(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize the short side and centre-crop: the (crop x crop) RGB image the model sees, before normalising."""
     import torchvision.transforms.functional as TF
 
     resized = TF.resize(image, prep.resize, interpolation=TF.InterpolationMode.BILINEAR)
-    cropped = TF.center_crop(resized, prep.crop)
-    tensor = TF.to_tensor(cropped)
-    return TF.normalize(tensor, prep.mean, prep.std)
+    return TF.center_crop(resized, prep.crop)
+
+
+def normalise(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """Scale an RGB image to [0, 1] and normalise with the backbone's mean and std: a (3, H, W) tensor."""
+    import torchvision.transforms.functional as TF
+
+    return TF.normalize(TF.to_tensor(image), prep.mean, prep.std)
+
+
+def preprocess(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """Resize the short side, centre-crop and normalise: a (3, crop, crop) float tensor."""
+    return normalise(crop_image(image, prep), prep)

@@ -59,3 +59,79 @@ def test_eval_cli_json_and_record(labelled_folder, stage3_weights, tmp_path, cap
     assert [r["bytes_per_image"] for r in ladder.rung_info] == [round(p["bytes_per_image"], 2) for p in result["points"]]
     assert main(["eval", "--data", str(labelled_folder), "--weights", str(weights)]) == 2
     assert "exactly one of --sweep or --rate" in capsys.readouterr().err
+
+
+def test_eval_cli_baselines_csv_plot(labelled_folder, stage3_weights, tmp_path, capsys):
+    weights = tmp_path / "ladder.safetensors"
+    shutil.copy(stage3_weights, weights)
+    csv_file, plot_file = tmp_path / "out" / "points.csv", tmp_path / "out" / "curve.png"
+    code = main([
+        "eval", "--data", str(labelled_folder), "--sweep", "--json", "--weights", str(weights), "--record",
+        "--baselines", "jpeg,quant8", "--csv", str(csv_file), "--plot", str(plot_file),
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)  # stdout holds the JSON only; the table is on stderr
+    assert "top-1" in captured.err and "BD-rate of featcodec against jpeg" in captured.err
+    fields = {"method", "setting", "rate", "bytes_per_image", "payload_bytes_per_image", "bpp", "top1", "top5",
+              "agreement", "mse", "encode_ms", "decode_ms"}
+    for point in result["points"]:
+        assert set(point) == fields
+        assert 0 <= point["top1"] <= point["top5"] <= 1 and 0 <= point["agreement"] <= 1
+        assert point["bytes_per_image"] > 0 and point["bpp"] == pytest.approx(8 * point["bytes_per_image"] / 224**2)
+        assert point["mse"] >= 0 and point["encode_ms"] >= 0 and point["decode_ms"] >= 0
+        assert (point["rate"] is None) == (point["method"] != "featcodec")
+    methods = [p["method"] for p in result["points"]]
+    assert methods.count("featcodec") == 2 and methods.count("jpeg") == 7
+    assert methods.count("quant8-zlib") == methods.count("fp16-zlib") == 1
+    assert set(result["bd_rate"]) == {"jpeg", "quant8-zlib", "fp16-zlib"}
+    assert all(v is None or isinstance(v, float) for v in result["bd_rate"].values())
+    assert result["bd_rate"]["quant8-zlib"] is None  # a single point is no curve
+
+    import csv
+
+    with csv_file.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["setting"]) for r in rows] == [(p["method"], p["setting"]) for p in result["points"]]
+    assert [float(r["bytes_per_image"]) for r in rows] == [p["bytes_per_image"] for p in result["points"]]
+    assert plot_file.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert not list(csv_file.parent.glob(".*.tmp"))
+
+    from featcodec.ladder import load_ladder
+
+    featcodec_points = [p for p in result["points"] if p["method"] == "featcodec"]
+    assert [r["bytes_per_image"] for r in load_ladder(weights).rung_info] == [
+        round(p["bytes_per_image"], 2) for p in featcodec_points
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--baselines", "webp"], "unknown baseline 'webp'"),
+        (["--baselines", "none,jpeg"], "cannot be combined"),
+        (["--plot", "curve.svg"], "give a .png file name"),
+    ],
+)
+def test_eval_cli_bad_options(labelled_folder, stage3_weights, args, message, capsys):
+    code = main(["eval", "--data", str(labelled_folder), "--rate", "0", "--weights", str(stage3_weights), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_all_splits(labelled_folder, weights_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEATCODEC_WEIGHTS", str(weights_dir))
+    csv_file, plot_file = tmp_path / "points.csv", tmp_path / "curve.png"
+    args = ["eval", "--data", str(labelled_folder), "--all-splits", "--limit", "1", "--json"]
+    assert main(args + ["--csv", str(csv_file), "--plot", str(plot_file)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["split"] for r in results] == ["stage2", "stage3", "stage5"]
+    assert all(len(r["points"]) == 2 and r["images"] == 1 for r in results)
+    import csv
+
+    with csv_file.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["split"] for row in rows] == ["stage2", "stage2", "stage3", "stage3", "stage5", "stage5"]
+    assert sorted(p.name for p in tmp_path.glob("curve-*.png")) == ["curve-stage2.png", "curve-stage3.png", "curve-stage5.png"]
+    assert main(args + ["--split", "stage3"]) == 2
+    assert "--all-splits" in capsys.readouterr().err
