@@ -62,6 +62,13 @@ def encode(
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split point (default: the backbone's)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file, or '-' for stdout."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
+    max_bytes: Optional[int] = typer.Option(
+        None, "--max-bytes", min=1,
+        help="Per image, use the highest rung whose record fits in this many bytes (overrides --rate).",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Report the rung and bytes per image as JSON (on stdout with -o FILE, else on stderr)."
+    ),
 ) -> None:
     """Encode images into one bitstream (one record per image)."""
     if images.count(STDIO) > 1:
@@ -74,17 +81,32 @@ def encode(
 
     sources = [load_image(read_input(name), name="<stdin>" if name == STDIO else name) for name in images]
     codec = Codec.load(backbone, split, weights=weights)
-    data = codec.encode(sources, rate)
+    if max_bytes is None:
+        data, rates = codec.encode(sources, rate), [rate] * len(sources)
+    else:
+        data, rates = codec.encode_within(sources, max_bytes)
     if to_stdout:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
     else:
         atomic_write_bytes(output, data)
     where = "stdout" if to_stdout else output
-    _say(
-        f"encoded {len(images)} image(s) with {codec.spec.name}/{codec.split.name} at rate {rate}: "
-        f"{len(data)} bytes -> {where}"
-    )
+    if as_json:
+        from . import bitstream
+
+        report = {
+            "backbone": codec.spec.name,
+            "split": codec.split.name,
+            "output": where,
+            "bytes": len(data),
+            "images": [
+                {"image": name, "rate": r, "record_bytes": parsed.size}
+                for name, r, parsed in zip(images, rates, bitstream.parse_stream(data))
+            ],
+        }
+        print(json.dumps(report), file=sys.stderr if to_stdout else sys.stdout)
+    chosen = f"rate {rate}" if max_bytes is None else f"rates {','.join(map(str, rates))} (--max-bytes {max_bytes})"
+    _say(f"encoded {len(images)} image(s) with {codec.spec.name}/{codec.split.name} at {chosen}: {len(data)} bytes -> {where}")
 
 
 def _decoded_to_json(result, top: int) -> dict:
@@ -122,12 +144,15 @@ def decode(
     from . import bitstream
 
     bitstream.parse_stream(data)  # refuse a bad stream before loading any model
-    from .codec import decode as decode_stream
+    from .codec import iter_decode
 
-    results = decode_stream(data, weights=weights)
+    rows, kept = [], []  # keep rebuilt tensors only when asked to save them
+    for result in iter_decode(data, weights=weights):
+        rows.append(_decoded_to_json(result, top))
+        if features:
+            kept.append(result)
     if features:
-        _save_features(features, results)
-    rows = [_decoded_to_json(result, top) for result in results]
+        _save_features(features, kept)
     if as_json:
         print(json.dumps(rows))
         return
@@ -135,10 +160,8 @@ def decode(
 
     console = _stdout()
     for row in rows:
-        table = Table(
-            title=f"record {row['index']}: {row['backbone']}/{row['split']} rate {row['rate']}, {row['bytes']} bytes",
-            title_justify="left",
-        )
+        console.print(f"record {row['index']}: {row['backbone']}/{row['split']} rate {row['rate']}, {row['bytes']} bytes")
+        table = Table()
         table.add_column("rank", justify="right")
         table.add_column("label", justify="right")
         table.add_column("class")
@@ -270,6 +293,14 @@ def train(
         0, "--pretrain-steps", min=0, help="mse-only steps that initialise the rungs (helps kd converge)."
     ),
     pretrain_lambda: float = typer.Option(1000.0, "--pretrain-lambda", min=0.0),
+    latent_channels: int = typer.Option(32, "--latent-channels", min=1, help="BU latent channels."),
+    hidden_channels: int = typer.Option(128, "--hidden-channels", min=1, help="BU hidden conv width."),
+    stride: int = typer.Option(2, "--stride", min=1, max=2, help="BU latent downsampling: 1 or 2."),
+    layers: int = typer.Option(2, "--layers", min=2, help="Conv layers in the BU encoder (and decoder)."),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Start rung k from rung k of this ladder (train further or fine-tune; "
+        "its BU config is used)."
+    ),
 ) -> None:
     """Train a rate ladder: one bottleneck unit per lambda, backbone frozen."""
     try:
@@ -287,6 +318,13 @@ def train(
         pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda,
     )
     config.validate()
+    from .bottleneck import BottleneckConfig
+
+    channels, height, width = spec.split(split).shape
+    bu_config = None if init_from else BottleneckConfig(
+        in_channels=channels, out_size=(height, width), latent_channels=latent_channels,
+        hidden_channels=hidden_channels, stride=stride, layers=layers,
+    )
     files = list_images(data)
     out = out or Path("weights") / backbone / f"{split}.safetensors"
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -314,13 +352,18 @@ def train(
             if plain_log and (event["step"] % 50 == 0 or event["step"] == event["steps"]):
                 _say(f"{description} step {event['step']}/{event['steps']}: {status}")
 
-        ladder = train_ladder(config, data, out, files=files, resume=resume, cache_dir=cache_dir, device=device, reporter=report)
+        ladder = train_ladder(
+            config, data, out, bu_config, files=files, resume=resume, cache_dir=cache_dir, device=device,
+            reporter=report, init_from=init_from,
+        )
     _say(f"wrote {len(ladder.rungs)}-rung ladder -> {out}")
 
 
 @app.command("eval")
 def evaluate_command(
-    data: Path = typer.Option(..., "--data", help="labels.csv folder (file,label) or ImageFolder of WNIDs."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="labels.csv folder (file,label) or ImageFolder of WNIDs."
+    ),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
     split: Optional[str] = typer.Option(None, "--split", "-s"),
     sweep: bool = typer.Option(False, "--sweep", help="Evaluate every rung of the ladder."),
@@ -331,35 +374,153 @@ def evaluate_command(
     record: bool = typer.Option(
         False, "--record", help="Store each rung's measured bytes and top-1 in the ladder's metadata."
     ),
+    baselines: str = typer.Option(
+        "none", "--baselines", help="Comma-separated baselines to measure too: jpeg, quant8 (quant8-zlib and "
+        "fp16-zlib), or none."
+    ),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the points to this CSV file."),
+    plot_file: Optional[Path] = typer.Option(
+        None, "--plot", help="Also plot top-1 against bytes per image into this .png file."
+    ),
+    all_splits: bool = typer.Option(
+        False, "--all-splits", help="Sweep every split that has a ladder (JSON: a list, one object per split; "
+        "--plot FILE.png writes FILE-<split>.png)."
+    ),
+    complexity: bool = typer.Option(
+        False, "--complexity", help="Report parameters, MACs and ms/image (batch 1) of head, BU and tail "
+        "instead (needs no --data)."
+    ),
 ) -> None:
-    """Measure bytes per image and accuracy per rung on labelled images."""
+    """Measure bytes per image and accuracy per rung (and baselines) on labelled images.
+
+    The table goes to stderr; stdout carries only the --json output.
+    """
+    if complexity:
+        if data is not None or sweep:
+            raise FeatcodecError("--complexity is a report of its own: leave out --data and --sweep")
+        _complexity_command(backbone, split, rate, weights, as_json)
+        return
+    if data is None:
+        raise FeatcodecError("give --data DIR (labelled images), or --complexity for the cost report")
+    if all_splits:
+        if split is not None or weights is not None or rate is not None:
+            raise FeatcodecError("--all-splits sweeps the shipped ladders: leave out --split, --weights and --rate")
+        sweep = True
     if sweep == (rate is not None):
         raise FeatcodecError("give exactly one of --sweep or --rate K")
+    from .baselines import parse_baselines
+
+    methods = parse_baselines(baselines)
+    for path in (csv_file, plot_file):
+        if path is not None and path.is_dir():
+            raise FeatcodecError(f"{path}: is a folder, not a file")
+    if plot_file is not None and plot_file.suffix.lower() != ".png":
+        raise FeatcodecError(f"--plot writes PNG: give a .png file name, not {plot_file.name}")
     from .codec import Codec
     from .evaluate import evaluate, labelled_images
 
     items = labelled_images(data)[:limit]
-    codec = Codec.load(backbone, split, weights=weights)
-    rates = list(range(codec.num_rates)) if sweep else [rate]
+    if all_splits:
+        splits = _splits_with_ladders(backbone)
+        codecs = [Codec.load(backbone, name) for name in splits]
+    else:
+        codecs = [Codec.load(backbone, split, weights=weights)]
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    results = []
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=_stderr(),
     ) as progress:
-        tasks: dict[str, int] = {}
+        for codec in codecs:
+            tasks: dict[str, int] = {}
+            prefix = f"{codec.split.name}: " if all_splits else ""
 
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done)
+            def report(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(prefix + stage, total=total)
+                progress.update(tasks[stage], completed=done)
 
-        result = evaluate(codec, items, rates, progress=report)
+            rates = list(range(codec.num_rates)) if sweep else [rate]
+            results.append(evaluate(codec, items, rates, progress=report, baselines=methods))
     if record:
-        _record_measurements(codec, result, data)
+        for codec, result in zip(codecs, results):
+            _record_measurements(codec, result, data)
+    if csv_file is not None:
+        from .evaluate import points_csv
+
+        _write_eval_output(csv_file, points_csv(*results), "points")
+    if plot_file is not None:
+        from .evaluate import plot_png
+
+        for result in results:
+            path = plot_file.with_name(f"{plot_file.stem}-{result['split']}.png") if all_splits else plot_file
+            _write_eval_output(path, plot_png(result), "plot")
+    for result in results:
+        _print_eval_table(result)
     if as_json:
-        print(json.dumps(result))
-        return
+        print(json.dumps(results if all_splits else results[0]))
+
+
+def _splits_with_ladders(backbone: str) -> list[str]:
+    """The split names of ``backbone`` that have a shipped (or $FEATCODEC_WEIGHTS) ladder."""
+    from .backbones import get_backbone
+    from .ladder import LadderError, find_ladder
+
+    names = []
+    for name in get_backbone(backbone).splits:
+        try:
+            find_ladder(backbone, name)
+        except LadderError:
+            continue
+        names.append(name)
+    if not names:
+        raise FeatcodecError(f"no trained ladder for any split of {backbone}")
+    return names
+
+
+def _complexity_command(
+    backbone: str, split: Optional[str], rate: Optional[int], weights: Optional[Path], as_json: bool
+) -> None:
+    """Print the cost report of one split: table on stderr, JSON on stdout with --json."""
+    from rich.table import Table
+
+    from .codec import Codec
+    from .complexity import cost_report
+
+    codec = Codec.load(backbone, split, weights=weights)
+    if rate is not None:
+        codec.ladder.rung(rate)  # a bad index is a clear error before any timing
+    _say("measuring ...")
+    report = cost_report(codec, rate)
+    table = Table(
+        title=f"{report['backbone']}/{report['split']}, BU of rung {report['rate']}, batch 1, "
+        f"{report['threads']} thread(s)"
+    )
+    for column in ("part", "params", "MMACs", "ms/image"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for part in report["parts"]:
+        table.add_row(part["part"], f"{part['params']:,}", f"{part['macs'] / 1e6:.2f}", f"{part['ms']:.2f}")
+    _stderr().print(table)
+    _say(
+        f"ladder: {report['ladder_rungs']} BUs, {report['ladder_params']:,} parameters = "
+        f"{report['ladder_percent_of_backbone']:.2f}% of the backbone's {report['backbone_params']:,}"
+    )
+    if as_json:
+        print(json.dumps(report))
+
+
+def _write_eval_output(path: Path, data: bytes, what: str) -> None:
+    """Write an eval output file atomically; a write failure is one FeatcodecError line."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise FeatcodecError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    _say(f"wrote {what} -> {path}")
+
+
+def _print_eval_table(result: dict) -> None:
+    """The eval summary table, then the BD-rates, on stderr."""
     from rich.table import Table
 
     unc = result["uncompressed"]
@@ -367,15 +528,24 @@ def evaluate_command(
         title=f"{result['backbone']}/{result['split']} on {result['images']} images: "
         f"uncompressed top-1 {100 * unc['top1']:.2f}%, top-5 {100 * unc['top5']:.2f}%"
     )
-    for column in ("rate", "bytes/image", "payload", "bpp", "top-1", "top-5", "agree", "mse", "enc ms", "dec ms"):
+    table.add_column("method")
+    table.add_column("setting")
+    for column in ("bytes/image", "payload", "bpp", "top-1", "top-5", "agree", "mse", "enc ms", "dec ms"):
         table.add_column(column, justify="right")
     for p in result["points"]:
         table.add_row(
-            str(p["rate"]), f"{p['bytes_per_image']:.1f}", f"{p['payload_bytes_per_image']:.1f}", f"{p['bpp']:.4f}",
-            f"{100 * p['top1']:.2f}%", f"{100 * p['top5']:.2f}%", f"{100 * p['agreement']:.2f}%",
+            p["method"], p["setting"], f"{p['bytes_per_image']:.1f}", f"{p['payload_bytes_per_image']:.1f}",
+            f"{p['bpp']:.4f}", f"{100 * p['top1']:.2f}%", f"{100 * p['top5']:.2f}%", f"{100 * p['agreement']:.2f}%",
             f"{p['mse']:.4g}", f"{p['encode_ms']:.2f}", f"{p['decode_ms']:.2f}",
         )
-    _stdout().print(table)
+    console = _stderr()
+    if not console.is_terminal:
+        console.width = 160  # a log file: do not squeeze the columns into 80 characters
+    console.print(table)
+    undefined = "undefined (a curve with < 2 distinct top-1 values, or no shared top-1 range)"
+    for method, value in result.get("bd_rate", {}).items():
+        figure = undefined if value is None else f"{value:+.2f}%"
+        console.print(f"BD-rate of featcodec against {method}: {figure}", markup=False)
 
 
 def _record_measurements(codec, result: dict, data: Path) -> None:
@@ -383,6 +553,8 @@ def _record_measurements(codec, result: dict, data: Path) -> None:
 
     ladder = codec.ladder
     for point in result["points"]:
+        if point["method"] != "featcodec":
+            continue
         ladder.rung_info[point["rate"]].update(
             bytes_per_image=round(point["bytes_per_image"], 2), top1=round(point["top1"], 5)
         )
@@ -392,9 +564,61 @@ def _record_measurements(codec, result: dict, data: Path) -> None:
     _say(f"recorded measurements in {ladder.path} (new weights tag {tag.hex()})")
 
 
+@app.command()
+def verify(
+    directory: Path = typer.Argument(Path("bitstreams"), help="Folder holding manifest.json and the streams."),
+    photo: Optional[Path] = typer.Option(None, "--photo", help="The manifest's photo, to check re-encoding."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Decode the conformance streams and check them against their manifest (exit 1 on any failure)."""
+    from dataclasses import asdict
+
+    from .conformance import verify as verify_streams
+
+    checks, same_platform = verify_streams(directory, photo=photo, weights=weights)
+    if as_json:
+        print(json.dumps({"same_platform": same_platform, "checks": [{**asdict(c), "passed": c.passed} for c in checks]}))
+    else:
+        from rich.table import Table
+
+        def mark(value) -> str:
+            return "-" if value is None else ("ok" if value else "FAIL")
+
+        table = Table(title=f"conformance streams in {directory}", title_justify="left")
+        for column in ("stream", "bytes", "latent", "top-5", "tensor", "re-encode", "result"):
+            table.add_column(column)
+        for c in checks:
+            tensor = "exact" if c.features_exact else ("close" if c.features_close else "FAIL")
+            table.add_row(
+                c.stream, mark(c.stream_ok), mark(c.latent_ok), mark(c.top5_ok), tensor, mark(c.reencode_ok),
+                "pass" if c.passed else f"FAIL {c.error}".strip(),
+            )
+        _stdout().print(table)
+        if not same_platform:
+            _say("note: the manifest was made with another torch build or CPU; rebuilt tensors are compared within 1e-4")
+    failed = sum(not c.passed for c in checks)
+    _say(f"{len(checks) - failed}/{len(checks)} conformance streams pass")
+    if failed:
+        raise typer.Exit(1)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_sigterm() -> None:
+    """Let SIGTERM unwind like Ctrl-C, so temp files are removed and no partial output stays."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -404,9 +628,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if argv is None:  # a real process, not a caller embedding the CLI
+        _interrupt_on_sigterm()
     try:
         result = app(args=args, prog_name="featcodec", standalone_mode=False)
-        return result if isinstance(result, int) else 0
+        code = result if isinstance(result, int) else 0
+        if code == 130:  # typer >= 0.2x turns KeyboardInterrupt (Ctrl-C, SIGTERM) into a silent exit 130
+            print("featcodec: interrupted", file=sys.stderr)
+        return code
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):

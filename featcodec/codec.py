@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 from PIL import Image
@@ -30,6 +30,7 @@ from .backbones import (
 )
 from .bitstream import BitstreamError, ParsedRecord, Record
 from .images import load_image, preprocess
+from .errors import FeatcodecError
 from .ladder import Ladder, find_ladder, load_ladder
 
 ImageSource = Union[str, Path, bytes, Image.Image]
@@ -141,6 +142,31 @@ class Codec:
             records.append(self.encode_tensor(x, rate, size))
         return bitstream.write_stream(records)
 
+    @torch.no_grad()
+    def encode_within(self, images: Sequence[ImageSource], max_bytes: int) -> tuple[bytes, list[int]]:
+        """Encode each image at the highest rung whose record fits in ``max_bytes``.
+
+        The budget counts one record (header, payload and CRC); the stream's
+        4-byte preamble is shared by all records and not counted. Returns the
+        stream and the rung chosen per image; FeatcodecError if rung 0 does not fit.
+        """
+        records, rates = [], []
+        for number, image in enumerate(images):
+            x, size = self.preprocess(image)
+            split_tensor = self.model.head(x.unsqueeze(0))
+            for rate in reversed(range(self.num_rates)):
+                record = self.encode_split_tensor(split_tensor, rate, size)
+                length = len(bitstream.encode_record(record))
+                if length <= max_bytes:
+                    break
+            else:
+                raise FeatcodecError(
+                    f"image {number}: even rate 0 needs {length} bytes per record, over --max-bytes {max_bytes}"
+                )
+            records.append(record)
+            rates.append(rate)
+        return bitstream.write_stream(records), rates
+
     def check_record(self, record: Record) -> None:
         """Refuse a record that this codec cannot decode, with the reason."""
         if record.backbone_id != self.spec.id or record.split_id != self.split.id:
@@ -199,8 +225,23 @@ def decode(
     random_init: bool = False,
 ) -> list[DecodedImage]:
     """Decode any stream: the codec for each record is chosen from its header."""
+    return list(
+        iter_decode(data, weights=weights, backbone_weights=backbone_weights, random_init=random_init)
+    )
+
+
+def iter_decode(
+    data: bytes,
+    *,
+    weights: str | Path | None = None,
+    backbone_weights: str | None = None,
+    random_init: bool = False,
+) -> Iterator[DecodedImage]:
+    """Decode a stream record by record, so memory holds one rebuilt tensor at a time.
+
+    The whole stream is parsed and checked before the first record is decoded.
+    """
     codecs: dict[tuple[int, int], Codec] = {}
-    results = []
     for index, (parsed, size) in enumerate(_with_sizes(data)):
         key = (parsed.record.backbone_id, parsed.record.split_id)
         if key not in codecs:
@@ -209,5 +250,4 @@ def decode(
             codecs[key] = Codec.load(
                 spec.name, point.name, weights=weights, backbone_weights=backbone_weights, random_init=random_init
             )
-        results.append(codecs[key].decode_parsed(index, parsed, size))
-    return results
+        yield codecs[key].decode_parsed(index, parsed, size)
