@@ -493,10 +493,11 @@ def _complexity_command(
         codec.ladder.rung(rate)  # a bad index is a clear error before any timing
     _say("measuring ...")
     report = cost_report(codec, rate)
-    table = Table(
-        title=f"{report['backbone']}/{report['split']}, BU of rung {report['rate']}, batch 1, "
-        f"{report['threads']} thread(s)"
+    _say(
+        f"{report['backbone']}/{report['split']}, BU of rung {report['rate']}, batch 1, "
+        f"{report['threads']} thread(s):"
     )
+    table = Table()
     for column in ("part", "params", "MMACs", "ms/image"):
         table.add_column(column, justify="left" if column == "part" else "right")
     for part in report["parts"]:

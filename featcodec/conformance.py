@@ -33,8 +33,13 @@ FEATURES_ATOL = 1e-4  # allowed max abs difference of the rebuilt tensor on anot
 
 
 def platform_fingerprint() -> dict:
-    """What float bit-exactness depends on: the torch version and the CPU kernels it dispatches to."""
-    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    """What float bit-exactness depends on: the torch version, the CPU kernels it dispatches to and the
+    thread count (oneDNN picks its convolution algorithm by it: 1 and 2 threads differ in the last bits)."""
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _sha256(data: bytes) -> str:

@@ -45,6 +45,8 @@ def test_cli_max_bytes_reports_rungs_and_fails_when_nothing_fits(codec, tmp_path
     parsed = bitstream.parse_stream(out.read_bytes())
     assert [p.record.rate for p in parsed] == [item["rate"] for item in report["images"]]
     assert all(item["record_bytes"] <= budget for item in report["images"])
+    chosen = ",".join(str(item["rate"]) for item in report["images"])
+    assert f"rates {chosen} (--max-bytes {budget})" in captured.err.decode()  # said on stderr too
 
     too_small = min(min(s) for s in sizes.values()) - 1
     missing = tmp_path / "none.fcb"
