@@ -45,8 +45,8 @@ def _stdout():
 
 
 def _say(message: str) -> None:
-    """A message for the user, on stderr."""
-    _stderr().print(message, markup=False)
+    """A message for the user, on stderr: one unwrapped line, so paths and numbers stay whole."""
+    _stderr().print(message, markup=False, soft_wrap=True)
 
 
 @app.callback()
