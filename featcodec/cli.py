@@ -427,6 +427,7 @@ def evaluate_command(
         codecs = [Codec.load(backbone, split, weights=weights)]
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    _say(f"evaluating {len(items)} images with {', '.join(f'{backbone}/{c.split.name}' for c in codecs)}")
     results = []
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -280,3 +280,24 @@ def test_atomic_write_gives_the_usual_file_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_sigterm_during_eval_leaves_no_outputs_and_keeps_the_weights(env, stage3_weights, tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    (folder / "coffee.jpg").write_bytes(COFFEE.read_bytes())
+    (folder / "labels.csv").write_text("file,label\n" + "coffee.jpg,967\n" * 400)  # long enough to be mid-run
+    weights = tmp_path / "ladder.safetensors"
+    weights.write_bytes(stage3_weights.read_bytes())
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [FEATCODEC, "eval", "--data", str(folder), "--sweep", "--weights", str(weights), "--record",
+         "--csv", str(out / "points.csv"), "--plot", str(out / "curve.png")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    assert proc.stderr.readline().startswith(b"evaluating 400 images")  # past loading, now measuring
+    proc.send_signal(signal.SIGTERM)
+    out_bytes, err = finish(proc)
+    assert proc.returncode == 130, err.decode()
+    assert not out.exists() and out_bytes == b""
+    assert weights.read_bytes() == stage3_weights.read_bytes() and leftovers(tmp_path) == []
