@@ -396,8 +396,11 @@ def evaluate_command(
     The table goes to stderr; stdout carries only the --json output.
     """
     if complexity:
-        if data is not None or sweep:
-            raise FeatcodecError("--complexity is a report of its own: leave out --data and --sweep")
+        others = {"--data": data is not None, "--sweep": sweep, "--all-splits": all_splits, "--record": record,
+                  "--csv": csv_file is not None, "--plot": plot_file is not None, "--baselines": baselines != "none"}
+        given = [flag for flag, present in others.items() if present]
+        if given:
+            raise FeatcodecError(f"--complexity is a report of its own: leave out {', '.join(given)}")
         _complexity_command(backbone, split, rate, weights, as_json)
         return
     if data is None:

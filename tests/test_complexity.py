@@ -28,5 +28,7 @@ def test_eval_complexity_cli(stage3_weights, capsys):
     assert report["rate"] == 1 and report["split"] == "stage3" and "ladder:" in captured.err
     assert main(["eval", "--complexity", "--weights", str(stage3_weights), "--rate", "7"]) == 2
     assert main(["eval", "--complexity", "--data", ".", "--weights", str(stage3_weights)]) == 2
+    assert main(["eval", "--complexity", "--plot", "x.png", "--weights", str(stage3_weights)]) == 2
+    assert "leave out --plot" in capsys.readouterr().err
     assert main(["eval", "--sweep", "--weights", str(stage3_weights)]) == 2
     assert "--data" in capsys.readouterr().err
