@@ -197,28 +197,29 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+def attempt(stage: str, call):
+    """(value, None) when ``call()`` returns, else (None, (outcome, detail)) for how it was refused."""
+    try:
+        return call(), None
+    except FeatcodecError as exc:
+        message = str(exc)
+        if not message or "\n" in message:
+            return None, ("FAILED", f"multi-line or empty message {message!r}")
+        return None, ("rejected", f"{stage}: " + category(message))
+    except Exception as exc:  # noqa: BLE001
+        return None, ("FAILED", f"{stage} raised {type(exc).__name__}: {exc}")
+
+
 def run_case(data: bytes, family: str, decode_weights, reference: dict) -> tuple[str, str]:
     """(outcome, detail): outcome is 'decoded', 'rejected' or 'FAILED'."""
-    try:
-        parsed = bitstream.parse_stream(data)
-    except FeatcodecError as exc:
-        message = str(exc)
-        if not message or "\n" in message:
-            return "FAILED", f"multi-line or empty message {message!r}"
-        return "rejected", "parse: " + category(message)
-    except Exception as exc:  # noqa: BLE001
-        return "FAILED", f"parse_stream raised {type(exc).__name__}: {exc}"
+    parsed, refused = attempt("parse", lambda: bitstream.parse_stream(data))
+    if refused:
+        return refused
     if bitstream.read_stream(data) != [p.record for p in parsed]:
         return "FAILED", "read_stream disagrees with parse_stream"
-    try:
-        results = decode(data, weights=decode_weights)
-    except FeatcodecError as exc:
-        message = str(exc)
-        if not message or "\n" in message:
-            return "FAILED", f"multi-line or empty message {message!r}"
-        return "rejected", "decode: " + category(message)
-    except Exception as exc:  # noqa: BLE001
-        return "FAILED", f"decode raised {type(exc).__name__}: {exc}"
+    results, refused = attempt("decode", lambda: decode(data, weights=decode_weights))
+    if refused:
+        return refused
     if [r.record for r in results] != [p.record for p in parsed]:
         return "FAILED", "decoded records differ from the parsed ones"
     for result in results:
