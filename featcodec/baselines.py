@@ -12,6 +12,12 @@
     ``<HHH`` shape, C float16 minima, C float16 maxima, C*H*W uint8 codes
     (channel-major) compressed with zlib level 9. The server dequantises and
     runs the tail.
+``huffman-bu``
+    The seed paper's style of BU (:class:`~featcodec.bottleneck.HuffmanBottleneckUnit`),
+    trained with ``featcodec train --entropy huffman`` and shipped as its own
+    ladder (``<split>-huffman-bu.safetensors``). Each rung codes the split tensor
+    into a normal featcodec record, so its bytes are the Huffman payload plus the
+    same header; :mod:`featcodec.evaluate` measures it like featcodec's own rungs.
 ``fp16-zlib``
     The split tensor as little-endian float16 values (channel-major),
     compressed with zlib level 9. The shape is not sent: the receiver knows it
@@ -40,8 +46,9 @@ from .metrics import PointResult, Reference, summarise
 
 JPEG_QUALITIES = (5, 10, 20, 30, 50, 75, 95)
 ZLIB_LEVEL = 9
-BASELINE_GROUPS = {"jpeg": ("jpeg",), "quant8": ("quant8-zlib", "fp16-zlib")}
-METHODS = ("jpeg", "quant8-zlib", "fp16-zlib")
+BASELINE_GROUPS = {"jpeg": ("jpeg",), "quant8": ("quant8-zlib", "fp16-zlib"), "huffman-bu": ("huffman-bu",)}
+METHODS = ("jpeg", "quant8-zlib", "fp16-zlib", "huffman-bu")
+SPLIT_TENSOR_METHODS = ("quant8-zlib", "fp16-zlib")
 BATCH = 32  # images per head/tail call when running decoded inputs through the model
 
 _SHAPE = struct.Struct("<HHH")

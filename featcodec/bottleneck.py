@@ -1,7 +1,17 @@
-"""The bottleneck unit (BU): conv encoder, CompressAI entropy bottleneck, conv decoder.
+"""Bottleneck units (BUs): conv encoder, entropy coder, conv decoder.
 
-A BU follows CompressAI's contract: ``forward(x)`` returns the reconstruction
-and the latent likelihoods for training; ``compress(x)`` returns
+Two kinds, chosen by ``BottleneckConfig.entropy``:
+
+``factorized`` (:class:`BottleneckUnit`, featcodec's own)
+    conv/GDN encoder, CompressAI's EntropyBottleneck with rANS coding, conv decoder.
+``huffman`` (:class:`HuffmanBottleneckUnit`, the ``huffman-bu`` anchor)
+    the seed paper's style: depthwise 3x3 conv, 1x1 channel-reducing conv with
+    BN and ReLU, a uniform scalar quantizer (step ``quant_step``) with a
+    straight-through gradient, and a static Huffman code built on training
+    data; the decoder mirrors the encoder.
+
+Both follow CompressAI's contract: ``forward(x)`` returns the reconstruction
+and a differentiable ``bits`` per image for training; ``compress(x)`` returns
 ``{"strings", "shape"}`` and ``decompress(strings, shape)`` rebuilds ``x``.
 """
 
@@ -9,13 +19,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import math
+
+import numpy as np
 import torch
 from compressai.entropy_models import EntropyBottleneck
 from compressai.layers import GDN
 from compressai.models import CompressionModel
 from torch import nn
 
+from . import huffman
 from .errors import FeatcodecError
+
+ENTROPY_CODERS = ("factorized", "huffman")
 
 
 @dataclass(frozen=True)
@@ -29,6 +45,8 @@ class BottleneckConfig:
     stride: int = 2  # spatial downsampling of the latent: 1 or 2
     layers: int = 2  # conv layers in g_a (and in g_s)
     gdn: bool = True  # GDN / inverse GDN between layers, else ReLU
+    entropy: str = "factorized"  # "factorized" (EntropyBottleneck + rANS) or "huffman"
+    quant_step: float = 1.0  # the huffman BU's quantizer step qp
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -43,9 +61,20 @@ class BottleneckConfig:
             config = cls(**{**data, "out_size": tuple(data["out_size"])})
         except (TypeError, KeyError) as exc:
             raise FeatcodecError(f"bad bottleneck config in weights metadata: {exc}") from None
-        if config.stride not in (1, 2) or config.layers < 2 or min(config.out_size) < 1:
+        if (
+            config.stride not in (1, 2)
+            or config.layers < 2
+            or min(config.out_size) < 1
+            or config.entropy not in ENTROPY_CODERS
+            or not (config.quant_step > 0 and math.isfinite(config.quant_step))
+        ):
             raise FeatcodecError(f"bad bottleneck config in weights metadata: {data}")
         return config
+
+
+def bits_per_image(likelihoods: torch.Tensor) -> torch.Tensor:
+    """Estimated bits per image from the entropy model's likelihoods, averaged over the batch."""
+    return -torch.log2(likelihoods).sum() / likelihoods.shape[0]
 
 
 def _encoder(config: BottleneckConfig) -> nn.Sequential:
@@ -78,15 +107,8 @@ def _decoder(config: BottleneckConfig) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
-class BottleneckUnit(CompressionModel):
-    """One rung of a rate ladder: ``g_a`` -> EntropyBottleneck -> ``g_s``."""
-
-    def __init__(self, config: BottleneckConfig):
-        super().__init__()
-        self.config = config
-        self.g_a = _encoder(config)
-        self.entropy_bottleneck = EntropyBottleneck(config.latent_channels)
-        self.g_s = _decoder(config)
+class _SplitTensorShape:
+    """Latent and output geometry shared by both kinds of BU (``config``, ``g_s`` come from the BU)."""
 
     def latent_shape(self) -> tuple[int, int]:
         """(h, w) of the latent for a split tensor of ``config.out_size``."""
@@ -98,11 +120,23 @@ class BottleneckUnit(CompressionModel):
         height, width = self.config.out_size
         return self.g_s(y_hat)[..., :height, :width]
 
+
+class BottleneckUnit(_SplitTensorShape, CompressionModel):
+    """One rung of a rate ladder: ``g_a`` -> EntropyBottleneck -> ``g_s``."""
+
+    def __init__(self, config: BottleneckConfig):
+        super().__init__()
+        self.config = config
+        self.g_a = _encoder(config)
+        self.entropy_bottleneck = EntropyBottleneck(config.latent_channels)
+        self.g_s = _decoder(config)
+
     def forward(self, x: torch.Tensor) -> dict:
-        """Training pass: noisy latent, reconstruction and likelihoods."""
+        """Training pass: noisy latent, reconstruction, likelihoods and estimated bits per image."""
         y = self.g_a(x)
         y_hat, y_likelihoods = self.entropy_bottleneck(y)
-        return {"x_hat": self._synthesize(y_hat), "likelihoods": {"y": y_likelihoods}}
+        bits = bits_per_image(y_likelihoods)
+        return {"x_hat": self._synthesize(y_hat), "likelihoods": {"y": y_likelihoods}, "bits": bits}
 
     def quantized_latent(self, x: torch.Tensor) -> torch.Tensor:
         """The latent as the entropy coder sees it: rounded around the medians."""
@@ -125,6 +159,136 @@ class BottleneckUnit(CompressionModel):
         y_hat = self.decompress_latent(strings, shape)
         return {"x_hat": self._synthesize(y_hat)}
 
-    def has_cdf_tables(self) -> bool:
+    def has_coding_tables(self) -> bool:
         """True once update() has built the quantized CDF tables used by the coder."""
         return self.entropy_bottleneck._quantized_cdf.numel() > 0
+
+    def build_coding_tables(self, split_tensors: torch.Tensor | None = None) -> None:
+        """Build the CDF tables from the learned entropy model (the data is not needed)."""
+        self.update(force=True)
+
+    def entropy_model(self) -> nn.Module:
+        """The module holding the entropy model's parameters."""
+        return self.entropy_bottleneck
+
+
+class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
+    """The ``huffman-bu`` anchor: depthwise + 1x1 conv, uniform quantizer, static Huffman code."""
+
+    ALPHABET = 256  # symbols 0..255: the quantized, non-negative latent is clamped to this range
+
+    def __init__(self, config: BottleneckConfig):
+        super().__init__()
+        self.config = config
+        channels, latent, stride = config.in_channels, config.latent_channels, config.stride
+        self.g_a = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=channels),
+            nn.Conv2d(channels, latent, 1),
+            nn.BatchNorm2d(latent),
+            nn.ReLU(),
+        )
+        if stride > 1:
+            spatial = nn.ConvTranspose2d(
+                channels, channels, 3, stride=stride, padding=1, output_padding=stride - 1, groups=channels
+            )
+        else:
+            spatial = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.g_s = nn.Sequential(nn.Conv2d(latent, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(), spatial)
+        self.register_buffer("code_lengths", torch.zeros(self.ALPHABET, dtype=torch.uint8))
+        self._table = None  # decoding table, built from code_lengths on first use
+
+    def _symbols(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.round(y / self.config.quant_step).clamp(0, self.ALPHABET - 1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        """Training pass: straight-through quantized latent, reconstruction, and a rate proxy.
+
+        The rate term (``bits``) is the latent's L1 norm in quantizer steps per image: a
+        differentiable stand-in for the Huffman code length. Measured sizes always
+        use the real code.
+        """
+        y = self.g_a(x)
+        y_hat = y + (self._symbols(y) * self.config.quant_step - y).detach()
+        bits = (y / self.config.quant_step).sum() / x.shape[0]
+        return {"x_hat": self._synthesize(y_hat), "bits": bits}
+
+    def aux_loss(self) -> torch.Tensor:
+        """No auxiliary loss: the Huffman table is built after training."""
+        return torch.zeros(())
+
+    def quantized_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The dequantized latent the decoder sees."""
+        return self._symbols(self.g_a(x)) * self.config.quant_step
+
+    @torch.no_grad()
+    def symbol_counts(self, split_tensors: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """How often each symbol occurs in the latents of ``split_tensors`` (N, C, H, W)."""
+        counts = torch.zeros(self.ALPHABET, dtype=torch.int64)
+        device = next(self.parameters()).device
+        for start in range(0, len(split_tensors), batch_size):
+            batch = split_tensors[start : start + batch_size].float().to(device)
+            symbols = self._symbols(self.g_a(batch)).long().flatten().cpu()
+            counts += torch.bincount(symbols, minlength=self.ALPHABET)
+        return counts
+
+    def build_coding_tables(self, split_tensors: torch.Tensor | None = None) -> None:
+        """Build the static Huffman code from the symbol counts of ``split_tensors``.
+
+        Every symbol gets one count more than it was seen, so that symbols absent
+        from the training data still have a (long) code. With no data, all
+        symbols are equally likely.
+        """
+        counts = torch.ones(self.ALPHABET, dtype=torch.int64)
+        if split_tensors is not None:
+            counts += self.symbol_counts(split_tensors)
+        self.code_lengths.copy_(torch.from_numpy(huffman.code_lengths(counts.numpy())))
+        self._table = None
+
+    def has_coding_tables(self) -> bool:
+        """True once the Huffman code lengths are set and form a complete prefix code."""
+        try:
+            huffman.check_lengths(self.code_lengths.numpy())
+        except huffman.HuffmanError:
+            return False
+        return True
+
+    def entropy_model(self) -> nn.Module:
+        """No learned entropy model parameters: an empty module."""
+        return nn.Identity()
+
+    def _decoding_table(self):
+        if self._table is None:
+            self._table = huffman.decoding_table(self.code_lengths.numpy())
+        return self._table
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._table = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @torch.no_grad()
+    def compress(self, x: torch.Tensor) -> dict:
+        """Huffman-code a batch of split tensors: ``{"strings": [[bytes]*N], "shape": (h, w)}``."""
+        symbols = self._symbols(self.g_a(x)).to(torch.int64).cpu().numpy()
+        lengths = self.code_lengths.numpy()
+        strings = [huffman.encode(item.ravel(), lengths) for item in symbols]
+        return {"strings": [strings], "shape": tuple(symbols.shape[-2:])}
+
+    @torch.no_grad()
+    def decompress_latent(self, strings: list, shape: tuple[int, int]) -> torch.Tensor:
+        """Decode the dequantized latent from its strings; FeatcodecError on a malformed payload."""
+        height, width = shape
+        count = self.config.latent_channels * height * width
+        table = self._decoding_table()
+        latents = [huffman.decode(data, table, count).astype(np.float32) for data in strings[0]]
+        device = self.code_lengths.device
+        y = torch.from_numpy(np.stack(latents)).to(device).reshape(-1, self.config.latent_channels, height, width)
+        return y * self.config.quant_step
+
+    def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
+        """Rebuild split tensors from ``compress`` output: ``{"x_hat": tensor}``."""
+        return {"x_hat": self._synthesize(self.decompress_latent(strings, shape))}
+
+
+def make_unit(config: BottleneckConfig) -> nn.Module:
+    """A fresh BU of the kind ``config.entropy`` names."""
+    return HuffmanBottleneckUnit(config) if config.entropy == "huffman" else BottleneckUnit(config)

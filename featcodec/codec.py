@@ -31,7 +31,7 @@ from .backbones import (
 from .bitstream import BitstreamError, ParsedRecord, Record
 from .images import load_image, preprocess
 from .errors import FeatcodecError
-from .ladder import Ladder, find_ladder, load_ladder
+from .ladder import Ladder, find_ladder, find_ladder_by_tag, load_ladder
 
 ImageSource = Union[str, Path, bytes, Image.Image]
 
@@ -240,14 +240,18 @@ def iter_decode(
     """Decode a stream record by record, so memory holds one rebuilt tensor at a time.
 
     The whole stream is parsed and checked before the first record is decoded.
+    Without ``weights``, each record's shipped ladder is the one whose weights
+    tag it carries (featcodec's own or the ``huffman-bu`` anchor).
     """
-    codecs: dict[tuple[int, int], Codec] = {}
+    codecs: dict[tuple[int, int, bytes], Codec] = {}
     for index, (parsed, size) in enumerate(_with_sizes(data)):
-        key = (parsed.record.backbone_id, parsed.record.split_id)
+        record = parsed.record
+        key = (record.backbone_id, record.split_id, record.weights_tag if weights is None else b"")
         if key not in codecs:
-            spec = backbone_by_id(key[0])
-            point = spec.split_by_id(key[1])
+            spec = backbone_by_id(record.backbone_id)
+            point = spec.split_by_id(record.split_id)
+            path = weights or find_ladder_by_tag(spec.name, point.name, record.weights_tag)
             codecs[key] = Codec.load(
-                spec.name, point.name, weights=weights, backbone_weights=backbone_weights, random_init=random_init
+                spec.name, point.name, weights=path, backbone_weights=backbone_weights, random_init=random_init
             )
         yield codecs[key].decode_parsed(index, parsed, size)

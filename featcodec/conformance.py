@@ -87,12 +87,13 @@ def build(out_dir: Path, photo: Path, ladders: list[Path]) -> dict:
         for rate in range(codec.num_rates):
             data = codec.encode([photo], rate=rate)
             details = _decode_details(codec, data)
-            name = f"{codec.spec.name}-{codec.split.name}-r{rate}.fcb"
+            name = f"{codec.spec.name}-{Path(ladder_path).stem}-r{rate}.fcb"  # the stem names the variant
             atomic_write_bytes(out_dir / name, data)
             entries.append({
                 "stream": name,
                 "backbone": codec.spec.name,
                 "split": codec.split.name,
+                "ladder": Path(ladder_path).name,
                 "rate": rate,
                 "bytes": len(data),
                 "sha256": _sha256(data),
@@ -150,7 +151,7 @@ def verify(directory: Path, photo: Path | None = None, weights: Path | None = No
         raise FeatcodecError(f"{manifest_path}: not a featcodec conformance manifest") from None
     same_platform = manifest.get("platform") == platform_fingerprint()
     photo = photo or _find_photo(directory, manifest)
-    codecs: dict[tuple[str, str], Codec] = {}
+    codecs: dict[tuple[str, str, Path | None], Codec] = {}
     checks = []
     for entry in entries:
         name = entry["stream"]
@@ -159,10 +160,10 @@ def verify(directory: Path, photo: Path | None = None, weights: Path | None = No
         except OSError as exc:
             checks.append(_failed(name, False, f"cannot read ({exc.strerror})"))
             continue
-        key = (entry["backbone"], entry["split"])
         try:
+            key = (entry["backbone"], entry["split"], weights or _shipped_ladder(entry, data))
             if key not in codecs:
-                codecs[key] = Codec.load(*key, weights=weights)
+                codecs[key] = Codec.load(key[0], key[1], weights=key[2])
             codec = codecs[key]
             details = _decode_details(codec, data)
         except FeatcodecError as exc:
@@ -183,6 +184,14 @@ def verify(directory: Path, photo: Path | None = None, weights: Path | None = No
             same_platform=same_platform,
         ))
     return checks, same_platform
+
+
+def _shipped_ladder(entry: dict, data: bytes) -> Path | None:
+    """The shipped ladder (featcodec's own or huffman-bu) whose weights tag the stream carries, if any."""
+    from .ladder import find_ladder_by_tag
+
+    (parsed,) = bitstream.parse_stream(data)
+    return find_ladder_by_tag(entry["backbone"], entry["split"], parsed.record.weights_tag)
 
 
 def _failed(name: str, stream_ok: bool, error: str) -> Check:

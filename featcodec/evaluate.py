@@ -20,6 +20,7 @@ import torch
 from . import bitstream
 from .baselines import (
     JPEG_QUALITIES,
+    SPLIT_TENSOR_METHODS,
     expand_baselines,
     jpeg_encode_all,
     jpeg_points,
@@ -28,6 +29,7 @@ from .baselines import (
 )
 from .codec import Codec, imagenet_synsets
 from .errors import FeatcodecError
+from .ladder import HUFFMAN_VARIANT, Ladder, find_ladder, load_ladder
 from .images import crop_image, load_image, normalise
 from .metrics import PointResult, Reference, accuracy, bd_rate, summarise
 
@@ -72,8 +74,12 @@ def evaluate(
     rates: list[int],
     progress: Callable[[str, int, int], None] | None = None,
     baselines: Sequence[str] = (),
+    huffman_ladder: Ladder | None = None,
 ) -> dict:
     """Evaluate ``rates`` of ``codec`` and the ``baselines`` (group or method names) on ``items``.
+
+    The ``huffman-bu`` baseline runs every rung of ``huffman_ladder``, by default the
+    shipped ``<split>-huffman-bu`` ladder of the codec's backbone and split.
 
     Returns the uncompressed accuracy, one point per rate and baseline setting
     (the fields of :class:`~featcodec.metrics.PointResult`), and the BD-rate of
@@ -84,6 +90,7 @@ def evaluate(
         raise FeatcodecError("no images to evaluate")
     for rate in rates:
         codec.ladder.rung(rate)
+    anchor = _huffman_codec(codec, huffman_ladder) if "huffman-bu" in methods else None
     prep = codec.spec.preprocessing
     split_tensors, sizes, labels, jpeg_files = [], [], [], []
     for done, (path, label) in enumerate(items, 1):
@@ -102,7 +109,12 @@ def evaluate(
     points = [_featcodec_point(codec, rate, sizes, reference, progress) for rate in rates]
     if "jpeg" in methods:
         points += jpeg_points(jpeg_files, codec.model, prep, reference, JPEG_QUALITIES, progress)
-    points += split_tensor_points([m for m in methods if m != "jpeg"], codec.model, reference, progress)
+    points += split_tensor_points([m for m in methods if m in SPLIT_TENSOR_METHODS], codec.model, reference, progress)
+    if anchor is not None:
+        points += [
+            _featcodec_point(anchor, rate, sizes, reference, progress, method="huffman-bu")
+            for rate in range(anchor.num_rates)
+        ]
     featcodec_curve = _curve(points, "featcodec")
     return {
         "backbone": codec.spec.name,
@@ -112,6 +124,16 @@ def evaluate(
         "points": [asdict(point) for point in points],
         "bd_rate": {method: bd_rate(_curve(points, method), featcodec_curve) for method in methods},
     }
+
+
+def _huffman_codec(codec: Codec, ladder: Ladder | None) -> Codec:
+    """A codec for the ``huffman-bu`` ladder that shares ``codec``'s backbone."""
+    spec, split = codec.spec, codec.split
+    ladder = ladder or load_ladder(find_ladder(spec.name, split.name, HUFFMAN_VARIANT))
+    if ladder.config.entropy != "huffman":
+        raise FeatcodecError(f"{ladder.path or 'the huffman-bu ladder'} is not a huffman ladder "
+                             f"(its BU uses the {ladder.config.entropy} entropy coder)")
+    return Codec(spec, split, codec.model, ladder)
 
 
 def _curve(points: list[PointResult], method: str) -> list[tuple[float, float]]:
@@ -124,7 +146,9 @@ def _featcodec_point(
     sizes: list[tuple[int, int]],
     reference: Reference,
     progress: Callable[[str, int, int], None] | None,
+    method: str = "featcodec",
 ) -> PointResult:
+    """One point for rung ``rate`` of ``codec``'s ladder (featcodec's own, or the huffman-bu anchor's)."""
     total_bytes = payload = 0
     encode_s = decode_s = squared_error = 0.0
     decoded_tensors = []
@@ -141,9 +165,9 @@ def _featcodec_point(
         squared_error += torch.mean((decoded - tensor) ** 2).item()
         decoded_tensors.append(decoded)
         if progress:
-            progress(f"rate {rate}", done, len(sizes))
+            progress(f"{'' if method == 'featcodec' else method + ' '}rate {rate}", done, len(sizes))
     return summarise(
-        "featcodec", f"rate {rate}", rate, reference,
+        method, f"rate {rate}", rate if method == "featcodec" else None, reference,
         logits=run_batched(codec.model.tail, decoded_tensors),
         total_bytes=total_bytes,
         payload_bytes=payload,

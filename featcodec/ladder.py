@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .bottleneck import BottleneckConfig, BottleneckUnit
+from torch import nn
+
+from .bottleneck import BottleneckConfig, make_unit
 from .errors import FeatcodecError
 from .fileio import atomic_write_bytes
 
@@ -36,13 +38,13 @@ class Ladder:
     backbone: str
     split: str
     config: BottleneckConfig
-    rungs: list[BottleneckUnit]
+    rungs: list[nn.Module]  # BottleneckUnit or HuffmanBottleneckUnit, as config.entropy says
     rung_info: list[dict]  # per rung: lambda, and optional measured figures
     extra: dict = field(default_factory=dict)  # other metadata (training details)
     weights_tag: bytes = b""
     path: Path | None = None
 
-    def rung(self, index: int) -> BottleneckUnit:
+    def rung(self, index: int) -> nn.Module:
         """The BU of rung ``index``; LadderError if out of range."""
         if not 0 <= index < len(self.rungs):
             raise LadderError(
@@ -69,8 +71,8 @@ def save_ladder(ladder: Ladder, path: Path) -> bytes:
 
     tensors = {}
     for index, unit in enumerate(ladder.rungs):
-        if not unit.has_cdf_tables():
-            raise LadderError(f"rung {index} has no CDF tables: call update(force=True) first")
+        if not unit.has_coding_tables():
+            raise LadderError(f"rung {index} has no coding tables: call build_coding_tables() first")
         for key, tensor in unit.state_dict().items():
             tensors[f"rung{index}.{key}"] = tensor.detach().cpu().contiguous()
     data = save(tensors, metadata={METADATA_KEY: json.dumps(ladder.metadata(), sort_keys=True)})
@@ -124,13 +126,13 @@ def load_ladder(path: str | Path) -> Ladder:
     for index in range(len(rung_info)):
         prefix = f"rung{index}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        unit = BottleneckUnit(config)
+        unit = make_unit(config)
         try:
             unit.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError) as exc:
             raise LadderError(f"{path}: rung {index} does not fit its config ({str(exc).splitlines()[0]})") from None
-        if not unit.has_cdf_tables():
-            raise LadderError(f"{path}: rung {index} lacks its CDF tables")
+        if not unit.has_coding_tables():
+            raise LadderError(f"{path}: rung {index} lacks valid coding tables")
         rungs.append(unit.eval())
     if not rungs:
         raise LadderError(f"{path}: the ladder has no rungs")
@@ -157,24 +159,41 @@ def weights_dirs() -> list[Path]:
     return dirs
 
 
-def find_ladder(backbone: str, split: str) -> Path:
-    """Path of the shipped ladder ``<backbone>/<split>.safetensors``; LadderError if none."""
+HUFFMAN_VARIANT = "huffman-bu"
+
+
+def find_ladder(backbone: str, split: str, variant: str | None = None) -> Path:
+    """Path of the shipped ladder ``<backbone>/<split>[-<variant>].safetensors``; LadderError if none.
+
+    ``variant`` is None for featcodec's own ladder, ``"huffman-bu"`` for the Huffman anchor.
+    """
+    name = f"{split}-{variant}" if variant else split
     for directory in weights_dirs():
-        candidate = directory / backbone / f"{split}.safetensors"
+        candidate = directory / backbone / f"{name}.safetensors"
         if candidate.is_file():
             return candidate
-    raise LadderError(
-        f"no trained ladder for {backbone}/{split}: train one with 'featcodec train' "
-        f"or pass --weights PATH"
-    )
+    how = "featcodec train --entropy huffman" if variant == HUFFMAN_VARIANT else "featcodec train"
+    kind = f"{variant} ladder" if variant else "ladder"
+    raise LadderError(f"no trained {kind} for {backbone}/{split}: train one with '{how}' or pass --weights PATH")
+
+
+def find_ladder_by_tag(backbone: str, split: str, tag: bytes) -> Path | None:
+    """The shipped ladder of ``backbone``/``split`` (any variant) whose weights tag is ``tag``, if any."""
+    for directory in weights_dirs():
+        folder = directory / backbone
+        for candidate in sorted(folder.glob(f"{split}*.safetensors")) if folder.is_dir() else []:
+            if candidate.name in (f"{split}.safetensors", f"{split}-{HUFFMAN_VARIANT}.safetensors"):
+                if weights_tag(candidate.read_bytes()) == tag:
+                    return candidate
+    return None
 
 
 def untrained_ladder(backbone: str, split: str, config: BottleneckConfig, lambdas: list[float], seed: int = 0) -> Ladder:
-    """A ladder of freshly initialised BUs with CDF tables built (for tests and as a training start)."""
+    """A ladder of freshly initialised BUs with coding tables built (for tests and as a training start)."""
     torch.manual_seed(seed)
     rungs = []
     for _ in lambdas:
-        unit = BottleneckUnit(config).eval()
-        unit.update(force=True)
+        unit = make_unit(config).eval()
+        unit.build_coding_tables()
         rungs.append(unit)
     return Ladder(backbone, split, config, rungs, [{"lambda": lam} for lam in lambdas])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_ladder
-from featcodec.bottleneck import BottleneckConfig, BottleneckUnit
+from featcodec.bottleneck import BottleneckConfig, BottleneckUnit, make_unit
 from featcodec.ladder import LadderError, load_ladder, save_ladder, untrained_ladder
 
 
@@ -65,10 +65,13 @@ def test_ladder_file_errors(tmp_path):
         load_ladder(plain)
 
 
-def test_ladder_without_cdf_tables_cannot_be_saved(tmp_path):
-    config = BottleneckConfig(in_channels=80, out_size=(14, 14), latent_channels=8, hidden_channels=16)
+@pytest.mark.parametrize("entropy", ["factorized", "huffman"])
+def test_ladder_without_coding_tables_cannot_be_saved(tmp_path, entropy):
+    config = BottleneckConfig(
+        in_channels=80, out_size=(14, 14), latent_channels=8, hidden_channels=16, entropy=entropy
+    )
     ladder = untrained_ladder("efficientnet_lite0", "stage3", config, [1.0])
-    ladder.rungs[0] = BottleneckUnit(config)
-    with pytest.raises(LadderError, match="CDF"):
+    ladder.rungs[0] = make_unit(config)
+    with pytest.raises(LadderError, match="no coding tables"):
         save_ladder(ladder, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()

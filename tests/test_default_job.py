@@ -38,7 +38,7 @@ def test_shipped_ladders_carry_their_measurements():
     assert paths
     for path in paths:
         ladder = load_ladder(path)
-        assert len(ladder.rungs) >= 6 and all(unit.has_cdf_tables() for unit in ladder.rungs)
+        assert len(ladder.rungs) >= 6 and all(unit.has_coding_tables() for unit in ladder.rungs)
         sizes = [info["bytes_per_image"] for info in ladder.rung_info]
         assert sizes == sorted(sizes), f"{path}: rung index up must mean more bytes"
         assert all(0 <= info["top1"] <= 1 for info in ladder.rung_info)
