@@ -54,6 +54,24 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
     _state["debug"] = debug
 
 
+BACKBONE_WEIGHTS_OPTION = typer.Option(
+    None, "--backbone-weights", help="Backbone weights file (.safetensors, or a torchvision state dict .pth) "
+    "instead of the default ImageNet weights."
+)
+RANDOM_INIT_OPTION = typer.Option(
+    False, "--random-init", help="Use a randomly initialised backbone (for tests only: predictions are meaningless)."
+)
+
+
+def _backbone_source(backbone_weights: Optional[Path], random_init: bool) -> dict:
+    """The backbone weights arguments of Codec.load / train_ladder, checked."""
+    if backbone_weights is not None and random_init:
+        raise FeatcodecError("give either --backbone-weights or --random-init, not both")
+    if random_init:
+        _say("warning: --random-init: the backbone has random weights, its predictions are meaningless")
+    return {"backbone_weights": str(backbone_weights) if backbone_weights else None, "random_init": random_init}
+
+
 @app.command()
 def encode(
     images: List[str] = typer.Argument(..., help="Image files, or '-' to read one image from stdin."),
@@ -69,6 +87,8 @@ def encode(
     as_json: bool = typer.Option(
         False, "--json", help="Report the rung and bytes per image as JSON (on stdout with -o FILE, else on stderr)."
     ),
+    backbone_weights: Optional[Path] = BACKBONE_WEIGHTS_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
 ) -> None:
     """Encode images into one bitstream (one record per image)."""
     if images.count(STDIO) > 1:
@@ -79,8 +99,9 @@ def encode(
     from .codec import Codec
     from .images import load_image
 
+    model_source = _backbone_source(backbone_weights, random_init)
     sources = [load_image(read_input(name), name="<stdin>" if name == STDIO else name) for name in images]
-    codec = Codec.load(backbone, split, weights=weights)
+    codec = Codec.load(backbone, split, weights=weights, **model_source)
     if max_bytes is None:
         data, rates = codec.encode(sources, rate), [rate] * len(sources)
     else:
@@ -138,8 +159,11 @@ def decode(
         None, "--features", help="Save the reconstructed split tensors to this .safetensors file."
     ),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
+    backbone_weights: Optional[Path] = BACKBONE_WEIGHTS_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
 ) -> None:
     """Decode a bitstream: rebuild the split tensors and run the tail."""
+    model_source = _backbone_source(backbone_weights, random_init)
     data = read_input(stream)
     from . import bitstream
 
@@ -147,7 +171,7 @@ def decode(
     from .codec import iter_decode
 
     rows, kept = [], []  # keep rebuilt tensors only when asked to save them
-    for result in iter_decode(data, weights=weights):
+    for result in iter_decode(data, weights=weights, **model_source):
         rows.append(_decoded_to_json(result, top))
         if features:
             kept.append(result)
@@ -235,20 +259,23 @@ def info(
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List backbones, split points and the rungs of their shipped ladders."""
     from .ids import BACKBONE_IDS, SPLITS
-    from .ladder import LadderError, find_ladder, read_ladder_metadata
+    from .ladder import HUFFMAN_VARIANT, LadderError, find_ladder, read_ladder_metadata
 
     entries = []
     for backbone in BACKBONE_IDS:
         for split, (split_id, shape) in SPLITS[backbone].items():
-            entry = {"backbone": backbone, "split": split, "split_id": split_id, "shape": list(shape), "rungs": []}
-            try:
-                path = find_ladder(backbone, split)
-            except LadderError:
-                path = None
-            if path is not None:
-                entry["weights"] = str(path)
-                entry["rungs"] = read_ladder_metadata(path)["rungs"]
-            entries.append(entry)
+            for variant in (None, HUFFMAN_VARIANT):
+                entry = {"backbone": backbone, "split": split, "split_id": split_id, "shape": list(shape),
+                         "ladder": variant or "featcodec", "rungs": []}
+                try:
+                    path = find_ladder(backbone, split, variant)
+                except LadderError:
+                    path = None
+                if path is not None:
+                    entry["weights"] = str(path)
+                    entry["rungs"] = read_ladder_metadata(path)["rungs"]
+                if path is not None or variant is None:  # list the huffman-bu anchor only where shipped
+                    entries.append(entry)
     if as_json:
         print(json.dumps(entries))
         return
@@ -259,13 +286,14 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
         table.add_column(column)
     for e in entries:
         shape = "x".join(map(str, e["shape"]))
+        split_label = e["split"] if e["ladder"] == "featcodec" else f"{e['split']} ({e['ladder']})"
         if not e["rungs"]:
-            table.add_row(e["backbone"], e["split"], shape, "-", "no ladder shipped", "", "")
+            table.add_row(e["backbone"], split_label, shape, "-", "no ladder shipped", "", "")
         for k, rung in enumerate(e["rungs"]):
             measured_bytes = rung.get("bytes_per_image")
             top1 = rung.get("top1")
             table.add_row(
-                e["backbone"], e["split"], shape, str(k), f"{rung.get('lambda', '?'):g}",
+                e["backbone"], split_label, shape, str(k), f"{rung.get('lambda', '?'):g}",
                 f"{measured_bytes:.1f}" if measured_bytes is not None else "-",
                 f"{100 * top1:.2f}%" if top1 is not None else "-",
             )
@@ -297,11 +325,22 @@ def train(
     hidden_channels: int = typer.Option(128, "--hidden-channels", min=1, help="BU hidden conv width."),
     stride: int = typer.Option(2, "--stride", min=1, max=2, help="BU latent downsampling: 1 or 2."),
     layers: int = typer.Option(2, "--layers", min=2, help="Conv layers in the BU encoder (and decoder)."),
+    entropy: str = typer.Option(
+        "factorized", "--entropy", help="factorized (featcodec's BU: learned entropy model, rANS) or huffman "
+        "(the huffman-bu anchor: depthwise + 1x1 conv, uniform quantizer, static Huffman code)."
+    ),
+    quant_step: float = typer.Option(1.0, "--quant-step", help="Quantizer step qp of the huffman BU."),
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Start rung k from rung k of this ladder (train further or fine-tune; "
         "its BU config is used)."
     ),
-) -> None:
+    backbone_weights: Optional[Path] = BACKBONE_WEIGHTS_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Train with N processes on this machine: starts torchrun (DistributedDataParallel; "
+        "gloo on CPU, NCCL with --device cuda). For several machines run torchrun yourself, see the README."
+    ),
+) -> Optional[int]:
     """Train a rate ladder: one bottleneck unit per lambda, backbone frozen."""
     try:
         lambda_values = [float(v) for v in lambdas.split(",") if v.strip()]
@@ -312,21 +351,38 @@ def train(
 
     spec = get_backbone(backbone)
     split = spec.split(split or spec.default_split).name
+    model_source = _backbone_source(backbone_weights, random_init)
     config = TrainConfig(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
         pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda,
     )
     config.validate()
-    from .bottleneck import BottleneckConfig
+    from .bottleneck import ENTROPY_CODERS, BottleneckConfig
+    from .ladder import HUFFMAN_VARIANT
 
+    if entropy not in ENTROPY_CODERS:
+        raise FeatcodecError(f"unknown --entropy '{entropy}' (choose from {', '.join(ENTROPY_CODERS)})")
+    if not (quant_step > 0 and quant_step < float("inf")):
+        raise FeatcodecError(f"--quant-step must be a positive number, got {quant_step}")
     channels, height, width = spec.split(split).shape
     bu_config = None if init_from else BottleneckConfig(
         in_channels=channels, out_size=(height, width), latent_channels=latent_channels,
-        hidden_channels=hidden_channels, stride=stride, layers=layers,
+        hidden_channels=hidden_channels, stride=stride, layers=layers, entropy=entropy, quant_step=quant_step,
     )
     files = list_images(data)
-    out = out or Path("weights") / backbone / f"{split}.safetensors"
+    default_name = f"{split}-{HUFFMAN_VARIANT}" if entropy == "huffman" else split
+    out = out or Path("weights") / backbone / f"{default_name}.safetensors"
+    import os
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if batch_size % nproc:
+            raise FeatcodecError(f"--batch-size {batch_size} must be a multiple of --nproc {nproc}")
+        from .distributed import launch
+
+        _say(f"starting {nproc} training processes with torchrun")
+        return launch(nproc, _without_option(_ARGV, "--nproc"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -354,9 +410,11 @@ def train(
 
         ladder = train_ladder(
             config, data, out, bu_config, files=files, resume=resume, cache_dir=cache_dir, device=device,
-            reporter=report, init_from=init_from,
+            reporter=report, init_from=init_from, **model_source,
         )
-    _say(f"wrote {len(ladder.rungs)}-rung ladder -> {out}")
+    if is_main:
+        _say(f"wrote {len(ladder.rungs)}-rung ladder -> {out}")
+    return None
 
 
 @app.command("eval")
@@ -376,7 +434,10 @@ def evaluate_command(
     ),
     baselines: str = typer.Option(
         "none", "--baselines", help="Comma-separated baselines to measure too: jpeg, quant8 (quant8-zlib and "
-        "fp16-zlib), or none."
+        "fp16-zlib), huffman-bu (the shipped <split>-huffman-bu ladder), or none."
+    ),
+    huffman_weights: Optional[Path] = typer.Option(
+        None, "--huffman-weights", help="Ladder file for the huffman-bu baseline (trained with --entropy huffman)."
     ),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the points to this CSV file."),
     plot_file: Optional[Path] = typer.Option(
@@ -390,18 +451,21 @@ def evaluate_command(
         False, "--complexity", help="Report parameters, MACs and ms/image (batch 1) of head, BU and tail "
         "instead (needs no --data)."
     ),
+    backbone_weights: Optional[Path] = BACKBONE_WEIGHTS_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
 ) -> None:
     """Measure bytes per image and accuracy per rung (and baselines) on labelled images.
 
     The table goes to stderr; stdout carries only the --json output.
     """
+    model_source = _backbone_source(backbone_weights, random_init)
     if complexity:
         others = {"--data": data is not None, "--sweep": sweep, "--all-splits": all_splits, "--record": record,
                   "--csv": csv_file is not None, "--plot": plot_file is not None, "--baselines": baselines != "none"}
         given = [flag for flag, present in others.items() if present]
         if given:
             raise FeatcodecError(f"--complexity is a report of its own: leave out {', '.join(given)}")
-        _complexity_command(backbone, split, rate, weights, as_json)
+        _complexity_command(backbone, split, rate, weights, as_json, model_source)
         return
     if data is None:
         raise FeatcodecError("give --data DIR (labelled images), or --complexity for the cost report")
@@ -414,6 +478,8 @@ def evaluate_command(
     from .baselines import parse_baselines
 
     methods = parse_baselines(baselines)
+    if huffman_weights is not None and ("huffman-bu" not in methods or all_splits):
+        raise FeatcodecError("--huffman-weights needs --baselines with huffman-bu, and one --split")
     for path in (csv_file, plot_file):
         if path is not None and path.is_dir():
             raise FeatcodecError(f"{path}: is a folder, not a file")
@@ -425,9 +491,22 @@ def evaluate_command(
     items = labelled_images(data)[:limit]
     if all_splits:
         splits = _splits_with_ladders(backbone)
-        codecs = [Codec.load(backbone, name) for name in splits]
+        codecs = [Codec.load(backbone, name, **model_source) for name in splits]
     else:
-        codecs = [Codec.load(backbone, split, weights=weights)]
+        codecs = [Codec.load(backbone, split, weights=weights, **model_source)]
+    from .ladder import load_ladder
+
+    huffman_ladder = load_ladder(huffman_weights) if huffman_weights is not None else None
+    split_methods = {codec.split.name: list(methods) for codec in codecs}
+    if all_splits and "huffman-bu" in methods:
+        from .ladder import HUFFMAN_VARIANT, LadderError, find_ladder
+
+        for name, chosen in split_methods.items():
+            try:
+                find_ladder(backbone, name, HUFFMAN_VARIANT)
+            except LadderError:
+                chosen.remove("huffman-bu")
+                _say(f"{backbone}/{name}: no huffman-bu ladder shipped, that baseline is skipped for it")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     _say(f"evaluating {len(items)} images with {', '.join(f'{backbone}/{c.split.name}' for c in codecs)}")
@@ -446,7 +525,10 @@ def evaluate_command(
                 progress.update(tasks[stage], completed=done)
 
             rates = list(range(codec.num_rates)) if sweep else [rate]
-            results.append(evaluate(codec, items, rates, progress=report, baselines=methods))
+            results.append(
+                evaluate(codec, items, rates, progress=report, baselines=split_methods[codec.split.name],
+                         huffman_ladder=huffman_ladder)
+            )
     if record:
         for codec, result in zip(codecs, results):
             _record_measurements(codec, result, data)
@@ -484,7 +566,8 @@ def _splits_with_ladders(backbone: str) -> list[str]:
 
 
 def _complexity_command(
-    backbone: str, split: Optional[str], rate: Optional[int], weights: Optional[Path], as_json: bool
+    backbone: str, split: Optional[str], rate: Optional[int], weights: Optional[Path], as_json: bool,
+    model_source: dict,
 ) -> None:
     """Print the cost report of one split: table on stderr, JSON on stdout with --json."""
     from rich.table import Table
@@ -492,7 +575,19 @@ def _complexity_command(
     from .codec import Codec
     from .complexity import cost_report
 
-    codec = Codec.load(backbone, split, weights=weights)
+    from .backbones import get_backbone
+    from .complexity import default_ladder
+    from .ladder import LadderError, find_ladder
+
+    ladder = None
+    if weights is None:
+        try:
+            find_ladder(backbone, split or get_backbone(backbone).default_split)
+        except LadderError:
+            ladder = default_ladder(backbone, split)
+            _say(f"no trained ladder for {ladder.backbone}/{ladder.split}: the BU figures are those of an "
+                 "untrained BU of the default size (the same cost as a trained one)")
+    codec = Codec.load(backbone, split, weights=weights, ladder=ladder, **model_source)
     if rate is not None:
         codec.ladder.rung(rate)  # a bad index is a clear error before any timing
     _say("measuring ...")
@@ -626,12 +721,29 @@ def _interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+_ARGV: list[str] = []  # the arguments of the running command, for `train --nproc` to pass on to torchrun
+
+
+def _without_option(args: list[str], option: str) -> list[str]:
+    """``args`` without ``option VALUE`` / ``option=VALUE``."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry point: run the app, turning every error into one line on stderr."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
     args = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = args
     debug = "--debug" in args
     if argv is None:  # a real process, not a caller embedding the CLI
         _interrupt_on_sigterm()

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .bottleneck import BottleneckConfig
 from .codec import Codec
+from .ladder import Ladder, untrained_ladder
 
 
 def parameter_count(*modules: nn.Module) -> int:
@@ -41,6 +43,17 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def default_ladder(backbone: str, split: str | None) -> Ladder:
+    """A one-rung ladder with an untrained BU of the default size, for costing a split that has no ladder."""
+    from .backbones import get_backbone
+
+    spec = get_backbone(backbone)
+    point = spec.split(split or spec.default_split)
+    channels, height, width = point.shape
+    config = BottleneckConfig(in_channels=channels, out_size=(height, width))
+    return untrained_ladder(spec.name, point.name, config, [1.0])
+
+
 @torch.no_grad()
 def cost_report(codec: Codec, rate: int | None = None, repeats: int = 10, seed: int = 0) -> dict:
     """Parameters, MACs and ms/image (batch 1) of head, BU encoder, BU decoder and tail.
@@ -53,7 +66,8 @@ def cost_report(codec: Codec, rate: int | None = None, repeats: int = 10, seed: 
     unit = codec.ladder.rung(rate)
     head, tail = codec.model.head, codec.model.tail
     generator = torch.Generator().manual_seed(seed)
-    image = torch.randn(1, 3, 224, 224, generator=generator)
+    size = codec.spec.preprocessing.crop
+    image = torch.randn(1, 3, size, size, generator=generator)
     split_tensor = head(image)
     compressed = unit.compress(split_tensor)
     y_hat = unit.decompress_latent(compressed["strings"], compressed["shape"])
@@ -63,7 +77,7 @@ def cost_report(codec: Codec, rate: int | None = None, repeats: int = 10, seed: 
         ("head", parameter_count(head), count_macs(lambda: head(image)), lambda: head(image)),
         (
             "bu encoder",
-            parameter_count(unit.g_a, unit.entropy_bottleneck),
+            parameter_count(unit.g_a, unit.entropy_model()),
             count_macs(lambda: unit.g_a(split_tensor)),
             lambda: unit.compress(split_tensor),
         ),

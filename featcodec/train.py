@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .backbones import SplitModel, get_backbone, load_split_model
-from .bottleneck import BottleneckConfig, BottleneckUnit
+from .bottleneck import BottleneckConfig, bits_per_image, make_unit  # noqa: F401 (bits_per_image: public)
 from .errors import FeatcodecError
 from .images import ImageError, load_image
 from .fileio import atomic_write_bytes
@@ -175,11 +176,6 @@ def load_or_build_cache(
     return cache
 
 
-def bits_per_image(likelihoods: torch.Tensor) -> torch.Tensor:
-    """Estimated bits per image from the entropy model's likelihoods, averaged over the batch."""
-    return -torch.log2(likelihoods).sum() / likelihoods.shape[0]
-
-
 def distortion(
     kind: str,
     x: torch.Tensor,
@@ -203,10 +199,12 @@ def distortion(
     return terms
 
 
-def _optimizers(unit: BottleneckUnit, config: TrainConfig):
+def _optimizers(unit: torch.nn.Module, config: TrainConfig):
+    """Adam for the BU, and a separate Adam for the entropy model's quantiles (None if it has none)."""
     main = [p for n, p in unit.named_parameters() if not n.endswith(".quantiles")]
     aux = [p for n, p in unit.named_parameters() if n.endswith(".quantiles")]
-    return torch.optim.Adam(main, lr=config.learning_rate), torch.optim.Adam(aux, lr=config.aux_learning_rate)
+    aux_opt = torch.optim.Adam(aux, lr=config.aux_learning_rate) if aux else None
+    return torch.optim.Adam(main, lr=config.learning_rate), aux_opt
 
 
 def _learning_rate(config: TrainConfig, step: int) -> float:
@@ -215,35 +213,46 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
     return config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config) -> dict[str, float]:
-    """One optimisation step of loss = bits/image + lam * D, then one aux (quantile) step."""
+def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, forward=None,
+                context: distributed.Context | None = None) -> dict[str, float]:
+    """One optimisation step of loss = bits/image + lam * D, then one aux (quantile) step.
+
+    ``forward`` is the module to run (``unit`` in DistributedDataParallel when distributed).
+    """
     for group in opt.param_groups:
         group["lr"] = lr
-    output = unit(x)
-    bits = bits_per_image(output["likelihoods"]["y"])
+    output = (forward or unit)(x)
+    bits = output["bits"]
     terms = distortion(kind, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight)
     loss = bits + lam * terms["total"]
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unit.parameters(), 1.0)
     opt.step()
-    aux_loss = unit.aux_loss()
-    aux_opt.zero_grad()
-    aux_loss.backward()
-    aux_opt.step()
+    if aux_opt is not None:
+        aux_loss = unit.aux_loss()
+        aux_opt.zero_grad()
+        aux_loss.backward()
+        if context is not None:
+            context.average_gradients(p for group in aux_opt.param_groups for p in group["params"])
+        aux_opt.step()
     return {"loss": loss.item(), "bits": bits.item(), **{k: v.item() for k, v in terms.items()}}
 
 
-def _pretrain(bu_config, features, config: TrainConfig, device: str, reporter) -> dict[str, torch.Tensor]:
+def _pretrain(bu_config, features, config: TrainConfig, device: str, reporter,
+              context: distributed.Context) -> dict[str, torch.Tensor]:
     """Deterministic mse-only training that gives every rung a sensible starting point."""
     torch.manual_seed(config.seed - 1)
-    unit = BottleneckUnit(bu_config).to(device).train()
+    unit = make_unit(bu_config).to(device).train()
+    forward = distributed.wrap(unit, context, device)
     opt, aux_opt = _optimizers(unit, config)
     for step in range(config.pretrain_steps):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 - 1 - step)
-        x = features[torch.randint(len(features), (config.batch_size,), generator=generator)].float().to(device)
+        index = context.shard(torch.randint(len(features), (config.batch_size,), generator=generator))
+        x = features[index].float().to(device)
         lr = config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / config.pretrain_steps)))
-        stats = _train_step(unit, opt, aux_opt, x, None, config.pretrain_lambda, lr, "mse", None, config)
+        stats = _train_step(unit, opt, aux_opt, x, None, config.pretrain_lambda, lr, "mse", None, config,
+                            forward, context)
         if reporter:
             reporter({"phase": "train", "rung": "pre", "step": step + 1, "steps": config.pretrain_steps, **stats})
     return {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
@@ -263,15 +272,19 @@ def _initial_ladder(path, backbone: str, split: str, bu_config: BottleneckConfig
     return ladder
 
 
-def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
     out = {}
+    if optimizer is None:
+        return out
     for index, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
             out[f"{prefix}.{index}.{name}"] = torch.as_tensor(value).clone()
     return out
 
 
-def _restore_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def _restore_optimizer(prefix: str, optimizer: torch.optim.Optimizer | None, tensors: dict[str, torch.Tensor]) -> None:
+    if optimizer is None:
+        return
     state = optimizer.state_dict()
     restored: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -287,7 +300,7 @@ def checkpoint_path(out: Path) -> Path:
     return out.with_name(out.name + ".ckpt.safetensors")
 
 
-def _save_checkpoint(path: Path, config: TrainConfig, finished: list[BottleneckUnit], rung: int, step: int,
+def _save_checkpoint(path: Path, config: TrainConfig, finished: list[torch.nn.Module], rung: int, step: int,
                      unit=None, opt=None, aux_opt=None) -> None:
     """Finished rungs, plus the rung in progress (weights, optimizers, RNG) when step > 0."""
     from safetensors.torch import save
@@ -335,20 +348,43 @@ def train_ladder(
     ``files`` may pass :func:`list_images` of ``data`` when the caller already listed it.
     ``init_from`` names a ladder whose rung k starts rung k here (to train a ladder further,
     or fine-tune it on other data); it must have the same backbone, split, BU config and rung count.
-    """
-    from safetensors.torch import load_file
 
+    Under torchrun (WORLD_SIZE > 1) the BUs train with DistributedDataParallel, see
+    :mod:`featcodec.distributed`; only rank 0 reports progress and writes files.
+    """
     config.validate()
     spec = get_backbone(config.backbone)
     point = spec.split(config.split)
     files = files or list_images(data)
     out = Path(out)
     started = time.time()
+    context, device = distributed.setup(device)
+    try:
+        return _train(config, data, out, bu_config, spec, point, files, started, context, resume=resume,
+                      cache_dir=cache_dir, device=device, backbone_weights=backbone_weights,
+                      random_init=random_init, reporter=reporter if context.is_main else None, init_from=init_from)
+    finally:
+        context.close()
+
+
+def _train(config, data, out, bu_config, spec, point, files, started, context, *, resume, cache_dir, device,
+           backbone_weights, random_init, reporter, init_from) -> Ladder:
+    from safetensors.torch import load_file
+
+    if config.batch_size % context.world_size:
+        raise TrainError(f"--batch-size {config.batch_size} must be a multiple of the {context.world_size} processes")
     model = load_split_model(spec.name, point.name, backbone_weights, random_init).to(device)
-    cache = load_or_build_cache(
-        config, model, files, Path(cache_dir or out.parent / ".featcodec-cache"), device,
-        progress=(lambda done, total: reporter({"phase": "cache", "done": done, "total": total})) if reporter else None,
-    )
+
+    def cache_for_this_run():
+        return load_or_build_cache(
+            config, model, files, Path(cache_dir or out.parent / ".featcodec-cache"), device,
+            progress=(lambda done, total: reporter({"phase": "cache", "done": done, "total": total})) if reporter else None,
+        )
+
+    cache = cache_for_this_run() if context.is_main else None  # rank 0 builds the cache ...
+    context.barrier()
+    if cache is None:
+        cache = cache_for_this_run()  # ... and the other ranks read it
     features = cache["features"]
     logits = cache.get("logits")
     channels, height, width = features.shape[1:]
@@ -359,7 +395,7 @@ def train_ladder(
         raise TrainError(f"BU config {bu_config} does not fit split tensors of shape {(channels, height, width)}")
 
     initial = _initial_ladder(init_from, spec.name, point.name, bu_config, len(config.lambdas))
-    finished: list[BottleneckUnit] = []
+    finished: list[torch.nn.Module] = []
     first_rung, first_step, resumed = 0, 0, None
     ckpt = checkpoint_path(out)
     if resume and ckpt.is_file():
@@ -372,7 +408,7 @@ def train_ladder(
             raise TrainError(f"checkpoint {ckpt} was made with other settings; delete it or match them")
         first_rung, first_step = int(meta["rung"]), int(meta["step"])
         for index in range(first_rung):
-            unit = BottleneckUnit(bu_config)
+            unit = make_unit(bu_config)
             unit.load_state_dict({k.split(".", 1)[1]: v for k, v in resumed.items() if k.startswith(f"done{index}.")})
             finished.append(unit)
 
@@ -381,9 +417,9 @@ def train_ladder(
     for rung in range(first_rung, len(config.lambdas)):
         lam = config.lambdas[rung]
         if initial is None and config.pretrain_steps and init_state is None and not (config.warm_start and finished):
-            init_state = _pretrain(bu_config, features, config, device, reporter)
+            init_state = _pretrain(bu_config, features, config, device, reporter, context)
         torch.manual_seed(config.seed + 1000 * rung)
-        unit = BottleneckUnit(bu_config)
+        unit = make_unit(bu_config)
         if initial is not None:
             unit.load_state_dict(initial.rungs[rung].state_dict())
         elif config.warm_start and finished:
@@ -391,6 +427,7 @@ def train_ladder(
         elif init_state is not None:
             unit.load_state_dict(init_state)
         unit = unit.to(device)
+        forward = distributed.wrap(unit, context, device)
         opt, aux_opt = _optimizers(unit, config)
         step = 0
         if resumed is not None and rung == first_rung and first_step > 0:
@@ -402,20 +439,21 @@ def train_ladder(
         unit.train()
         while step < config.steps:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rung * 100_003 + step)
-            index = torch.randint(len(features), (config.batch_size,), generator=generator)
+            index = context.shard(torch.randint(len(features), (config.batch_size,), generator=generator))
             x = features[index].float().to(device)
             teacher = logits[index].float().to(device) if logits is not None else None
             kind = config.distortion
-            stats = _train_step(unit, opt, aux_opt, x, teacher, lam, _learning_rate(config, step), kind, tail, config)
+            stats = _train_step(unit, opt, aux_opt, x, teacher, lam, _learning_rate(config, step), kind, tail, config,
+                                forward, context)
             step += 1
             if reporter:
                 reporter({"phase": "train", "rung": rung, "step": step, "steps": config.steps, **stats})
-            if step % config.checkpoint_every == 0 and step < config.steps:
+            if step % config.checkpoint_every == 0 and step < config.steps and context.is_main:
                 _save_checkpoint(ckpt, config, finished, rung, step, unit, opt, aux_opt)
         unit = unit.cpu().eval()
-        unit.update(force=True)
+        unit.build_coding_tables(features)  # CDF tables, or the Huffman code from the training latents
         finished.append(unit)
-        if rung + 1 < len(config.lambdas):
+        if rung + 1 < len(config.lambdas) and context.is_main:
             _save_checkpoint(ckpt, config, finished, rung + 1, 0)
 
     elapsed = time.time() - started
@@ -439,11 +477,14 @@ def train_ladder(
                 "seconds": round(elapsed + (initial.extra.get("training", {}).get("seconds", 0) if initial else 0), 1),
                 **({"init_from": Path(init_from).name} if initial else {}),
                 "device": device,
+                **({"processes": context.world_size} if context.distributed else {}),
                 "git_commit": _git_commit(),
                 "seed": config.seed,
             }
         },
     )
-    save_ladder(ladder, out)
-    ckpt.unlink(missing_ok=True)
+    if context.is_main:
+        save_ladder(ladder, out)
+        ckpt.unlink(missing_ok=True)
+    context.barrier()
     return ladder

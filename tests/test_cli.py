@@ -105,10 +105,14 @@ def test_refuses_binary_on_a_terminal(capsysbinary, monkeypatch):
 def test_models_lists_splits_and_rungs(capsysbinary):
     code, out, _ = run_cli(capsysbinary, "models", "--json")
     assert code == 0
-    entries = {e["split"]: e for e in json.loads(out)}
+    listed = json.loads(out)
+    entries = {e["split"]: e for e in listed if e["backbone"] == "efficientnet_lite0"}
     assert set(entries) == {"stage2", "stage3", "stage5"}
-    assert entries["stage3"]["shape"] == [80, 14, 14]
+    assert entries["stage3"]["shape"] == [80, 14, 14] and entries["stage3"]["ladder"] == "featcodec"
     assert [r["lambda"] for r in entries["stage3"]["rungs"]] == [0.5, 4.0]
+    resnet50 = {e["split"]: e for e in listed if e["backbone"] == "resnet50"}
+    assert resnet50["layer3.4"]["shape"] == [1024, 14, 14] and resnet50["layer3.4"]["rungs"] == []
+    assert {e["backbone"] for e in listed} >= {"resnet18", "mobilenet_v3_large", "efficientnet_lite2"}
 
 
 def test_info_and_help_do_not_import_torch(coffee_stream):
