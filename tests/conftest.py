@@ -29,6 +29,23 @@ def make_tiny_ladder(backbone: str, split: str, path: Path, lambdas=(0.5, 4.0), 
     return path
 
 
+def make_image_folder(root: Path, count: int = 8, nested: bool = False, spread: int = 60) -> Path:
+    """``count`` small generated images (a random flat colour plus noise) under ``root``, in two
+    class folders when ``nested``."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        folder = root / f"class{index % 2}" if nested else root
+        folder.mkdir(exist_ok=True)
+        base = rng.integers(0, 255, (1, 1, 3))
+        noise = rng.integers(0, spread, (96, 128, 3))
+        Image.fromarray((base + noise).clip(0, 255).astype("uint8")).save(folder / f"img{index}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory) -> Path:
     """A weights folder laid out like weights/, holding tiny ladders for every lite0 split."""

@@ -4,11 +4,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import COFFEE
+from conftest import COFFEE, make_image_folder
 from featcodec.bottleneck import make_unit
 from featcodec.codec import Codec
 from featcodec.distributed import Context
@@ -20,15 +19,7 @@ ARGS = ["--split", "stage5", "--lambdas", "30", "--distortion", "mse", "--steps"
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for index in range(12):
-        base = rng.integers(0, 255, (1, 1, 3))
-        pixels = (base + rng.integers(0, 80, (96, 128, 3))).clip(0, 255).astype("uint8")
-        Image.fromarray(pixels).save(root / f"img{index}.png")
-    return root
+    return make_image_folder(tmp_path_factory.mktemp("images"), 12, spread=80)
 
 
 def _featcodec(*args: str, cwd) -> subprocess.CompletedProcess:

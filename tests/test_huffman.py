@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CHELSEA, COFFEE, ESPRESSO
+from conftest import CHELSEA, COFFEE, ESPRESSO, make_image_folder
 from featcodec import bitstream, huffman
 from featcodec.bottleneck import BottleneckConfig, HuffmanBottleneckUnit, make_unit
 from featcodec.cli import main
@@ -17,7 +17,6 @@ from featcodec.codec import Codec
 from featcodec.evaluate import evaluate, labelled_images
 from featcodec.huffman import HuffmanError
 from featcodec.ladder import LadderError, load_ladder, save_ladder, untrained_ladder
-from featcodec.train import TrainConfig, checkpoint_path, train_ladder
 
 HUFFMAN_BU = BottleneckConfig(
     in_channels=192, out_size=(7, 7), latent_channels=6, stride=1, entropy="huffman", quant_step=0.5
@@ -147,20 +146,8 @@ def test_huffman_ladder_saves_loads_and_refuses_a_broken_table(tmp_path):
         load_ladder(tmp_path / "broken.safetensors")
 
 
-def _image_folder(root):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    root.mkdir()
-    for index in range(6):
-        base = rng.integers(0, 255, (1, 1, 3))
-        pixels = (base + rng.integers(0, 60, (96, 128, 3))).clip(0, 255).astype("uint8")
-        Image.fromarray(pixels).save(root / f"img{index}.png")
-    return root
-
-
 def test_train_entropy_huffman_cli_writes_a_ladder_that_encode_and_decode_find(tmp_path, capsys, monkeypatch):
-    images = _image_folder(tmp_path / "images")
+    images = make_image_folder(tmp_path / "images", 6)
     weights_root = tmp_path / "weights" / "efficientnet_lite0"
     out = weights_root / "stage5-huffman-bu.safetensors"
     args = ["train", "--data", str(images), "--split", "stage5", "--lambdas", "0.5,50", "--steps", "4",
@@ -194,30 +181,6 @@ def test_train_entropy_huffman_cli_writes_a_ladder_that_encode_and_decode_find(t
     assert decoded["rate"] == 1 and decoded["split"] == "stage5"
     assert decoded["top"][0]["label"] == expected.top(1)[0]["label"]
     assert decoded["top"][0]["prob"] == pytest.approx(expected.top(1)[0]["prob"], rel=1e-5)
-
-
-def test_huffman_training_resumes_after_interruption(tmp_path):
-    images = _image_folder(tmp_path / "images")
-    config = TrainConfig(backbone="efficientnet_lite0", split="stage5", lambdas=[0.5, 5.0], distortion="mse",
-                         steps=8, batch_size=3, views=1, checkpoint_every=3)
-    cache = tmp_path / "cache"
-    reference = train_ladder(config, images, tmp_path / "a.safetensors", HUFFMAN_BU, cache_dir=cache)
-
-    class Killed(Exception):
-        pass
-
-    def interrupt(event):
-        if event["phase"] == "train" and event["rung"] == 1 and event["step"] == 5:
-            raise Killed
-
-    out = tmp_path / "b.safetensors"
-    with pytest.raises(Killed):
-        train_ladder(config, images, out, HUFFMAN_BU, cache_dir=cache, reporter=interrupt)
-    assert checkpoint_path(out).exists()
-    resumed = train_ladder(config, images, out, HUFFMAN_BU, cache_dir=cache, resume=True)
-    for a, b in zip(reference.rungs, resumed.rungs):
-        for (key, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.allclose(va.float(), vb.float(), atol=1e-5), key
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHELSEA, COFFEE
+from conftest import CHELSEA, COFFEE, make_image_folder
 from featcodec import fileio
 from featcodec.cli import main
 from featcodec.ladder import load_ladder
@@ -233,16 +233,7 @@ def test_stdin_trickling_in_small_pieces(command, env, stream_file):
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """Eight small generated images."""
-    import numpy as np
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for index in range(8):
-        base = rng.integers(0, 255, (1, 1, 3))
-        noise = rng.integers(0, 60, (96, 128, 3))
-        Image.fromarray((base + noise).clip(0, 255).astype("uint8")).save(root / f"img{index}.png")
-    return root
+    return make_image_folder(tmp_path_factory.mktemp("images"), 8)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

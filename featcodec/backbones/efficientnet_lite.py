@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from ..ids import BACKBONE_IDS
-from .registry import BackboneError, BackboneSpec, Preprocessing, load_tensor_file, register, split_points
+from .registry import (
+    BackboneError, BackboneSpec, Preprocessing, load_strict, load_tensor_file, register, split_points,
+)
 
 
 def _lite_weights_file(variant: str) -> Path:
@@ -94,11 +96,7 @@ def _build_lite(variant: str) -> Callable[[str | None, bool], nn.Module]:
         state = load_tensor_file(weights or str(_lite_weights_file(variant)))
         if any(key.startswith("_blocks.") for key in state):
             state = rename_lite_state_dict(state, model)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise BackboneError(f"weights do not fit tf_efficientnet_{variant}: {str(exc).splitlines()[0]}") from None
-        return model
+        return load_strict(model, state, f"tf_efficientnet_{variant}")
 
     return build
 

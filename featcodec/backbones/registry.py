@@ -145,6 +145,15 @@ def load_tensor_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """``model`` with every tensor of ``state`` loaded (strict); BackboneError naming ``what`` if they do not fit."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BackboneError(f"weights do not fit {what}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
 def split_points(backbone: str) -> dict[str, SplitPoint]:
     """The split points of ``backbone`` from the frozen id table."""
     return {name: SplitPoint(name, split_id, shape) for name, (split_id, shape) in SPLITS[backbone].items()}

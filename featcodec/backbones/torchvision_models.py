@@ -19,7 +19,9 @@ from typing import Callable
 from torch import nn
 
 from ..ids import BACKBONE_IDS
-from .registry import BackboneError, BackboneSpec, Preprocessing, load_tensor_file, register, split_points
+from .registry import (
+    BackboneError, BackboneSpec, Preprocessing, load_strict, load_tensor_file, register, split_points,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,11 +72,7 @@ def _build(name: str) -> Callable[[str | None, bool], nn.Module]:
         if random_init:
             return model
         state = load_tensor_file(weights) if weights else _fetch_state_dict(name)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise BackboneError(f"weights do not fit torchvision's {name}: {str(exc).splitlines()[0]}") from None
-        return model
+        return load_strict(model, state, f"torchvision's {name}")
 
     return build
 
