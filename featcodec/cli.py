@@ -307,6 +307,9 @@ def train(
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
     split: Optional[str] = typer.Option(None, "--split", "-s"),
     distortion: str = typer.Option("mse", "--distortion", help="mse, kd or mse+kd."),
+    kd_weight: float = typer.Option(
+        1.0, "--kd-weight", min=0.0, help="Weight of the kd term against mse in mse+kd."
+    ),
     steps: int = typer.Option(2000, "--steps", min=1, help="Training steps per rung."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     learning_rate: float = typer.Option(1e-3, "--lr", min=0.0),
@@ -355,7 +358,7 @@ def train(
     config = TrainConfig(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
-        pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda,
+        pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda, kd_weight=kd_weight,
     )
     config.validate()
     from .bottleneck import ENTROPY_CODERS, BottleneckConfig
