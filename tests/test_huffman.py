@@ -7,6 +7,8 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from conftest import CHELSEA, COFFEE, ESPRESSO, make_image_folder
@@ -228,3 +230,14 @@ def test_eval_cli_huffman_bu_baseline(tmp_path, stage3_weights, huffman_stage3, 
     assert "is not a huffman ladder" in capsys.readouterr().err
     assert main(args[:-4] + ["--huffman-weights", str(huffman_stage3.path)]) == 2
     assert "--huffman-weights needs" in capsys.readouterr().err
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=64), count=st.integers(0, 200))
+def test_arbitrary_payloads_decode_or_raise_huffman_error(data, count):
+    lengths = huffman.code_lengths(np.arange(1, 41))  # 40 symbols, codes of 4 to 7 bits
+    try:
+        symbols = huffman.decode(data, huffman.decoding_table(lengths), count)
+    except HuffmanError:
+        return
+    assert len(symbols) == count and huffman.encode(symbols, lengths) == data  # accepted means canonical
