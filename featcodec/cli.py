@@ -433,7 +433,8 @@ def evaluate_command(
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
     record: bool = typer.Option(
-        False, "--record", help="Store each rung's measured bytes and top-1 in the ladder's metadata."
+        False, "--record", help="Store each rung's measured bytes and top-1 in the ladder's metadata (and in the "
+        "huffman-bu ladder's, when that baseline is measured)."
     ),
     baselines: str = typer.Option(
         "none", "--baselines", help="Comma-separated baselines to measure too: jpeg, quant8 (quant8-zlib and "
@@ -497,17 +498,20 @@ def evaluate_command(
         codecs = [Codec.load(backbone, name, **model_source) for name in splits]
     else:
         codecs = [Codec.load(backbone, split, weights=weights, **model_source)]
-    from .ladder import load_ladder
+    from .ladder import HUFFMAN_VARIANT, LadderError, find_ladder, load_ladder
 
-    huffman_ladder = load_ladder(huffman_weights) if huffman_weights is not None else None
     split_methods = {codec.split.name: list(methods) for codec in codecs}
-    if all_splits and "huffman-bu" in methods:
-        from .ladder import HUFFMAN_VARIANT, LadderError, find_ladder
-
+    anchors = {}  # split -> the huffman-bu ladder measured beside it
+    if "huffman-bu" in methods:
         for name, chosen in split_methods.items():
+            if huffman_weights is not None:
+                anchors[name] = load_ladder(huffman_weights)
+                continue
             try:
-                find_ladder(backbone, name, HUFFMAN_VARIANT)
+                anchors[name] = load_ladder(find_ladder(backbone, name, HUFFMAN_VARIANT))
             except LadderError:
+                if not all_splits:
+                    raise
                 chosen.remove("huffman-bu")
                 _say(f"{backbone}/{name}: no huffman-bu ladder shipped, that baseline is skipped for it")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -530,11 +534,13 @@ def evaluate_command(
             rates = list(range(codec.num_rates)) if sweep else [rate]
             results.append(
                 evaluate(codec, items, rates, progress=report, baselines=split_methods[codec.split.name],
-                         huffman_ladder=huffman_ladder)
+                         huffman_ladder=anchors.get(codec.split.name))
             )
     if record:
         for codec, result in zip(codecs, results):
-            _record_measurements(codec, result, data)
+            _record_measurements(codec.ladder, "featcodec", result, data)
+            if codec.split.name in anchors:
+                _record_measurements(anchors[codec.split.name], "huffman-bu", result, data)
     if csv_file is not None:
         from .evaluate import points_csv
 
@@ -651,12 +657,12 @@ def _print_eval_table(result: dict) -> None:
         console.print(f"BD-rate of featcodec against {method}: {figure}", markup=False)
 
 
-def _record_measurements(codec, result: dict, data: Path) -> None:
+def _record_measurements(ladder, method: str, result: dict, data: Path) -> None:
+    """Store the measured bytes and top-1 of ``method``'s points in ``ladder``'s file (a new weights tag)."""
     from .ladder import save_ladder
 
-    ladder = codec.ladder
     for point in result["points"]:
-        if point["method"] != "featcodec":
+        if point["method"] != method:
             continue
         ladder.rung_info[point["rate"]].update(
             bytes_per_image=round(point["bytes_per_image"], 2), top1=round(point["top1"], 5)

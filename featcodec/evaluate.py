@@ -167,7 +167,7 @@ def _featcodec_point(
         if progress:
             progress(f"{'' if method == 'featcodec' else method + ' '}rate {rate}", done, len(sizes))
     return summarise(
-        method, f"rate {rate}", rate if method == "featcodec" else None, reference,
+        method, f"rate {rate}", rate, reference,
         logits=run_batched(codec.model.tail, decoded_tensors),
         total_bytes=total_bytes,
         payload_bytes=payload,
@@ -178,7 +178,8 @@ def _featcodec_point(
 
 
 def points_csv(*results: dict) -> bytes:
-    """The points of :func:`evaluate` results as CSV (UTF-8, one row per point, empty rate for baselines)."""
+    """The points of :func:`evaluate` results as CSV (UTF-8, one row per point; the rate is empty
+    except for the rungs of featcodec and huffman-bu)."""
     fields = ("backbone", "split") + POINT_FIELDS
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore", lineterminator="\n")

@@ -199,7 +199,7 @@ def test_huffman_bu_baseline_bytes_match_an_independent_count(codec, huffman_sta
     shutil.copy(COFFEE, tmp_path / "coffee.jpg")
     result = evaluate(codec, labelled_images(tmp_path), [0], baselines=["huffman-bu"], huffman_ladder=huffman_stage3)
     points = [p for p in result["points"] if p["method"] == "huffman-bu"]
-    assert [p["setting"] for p in points] == ["rate 0", "rate 1"] and all(p["rate"] is None for p in points)
+    assert [p["setting"] for p in points] == ["rate 0", "rate 1"] and [p["rate"] for p in points] == [0, 1]
     with torch.no_grad():
         x, size = codec.preprocess(COFFEE)
         split = codec.model.head(x.unsqueeze(0))
@@ -226,6 +226,17 @@ def test_eval_cli_huffman_bu_baseline(tmp_path, stage3_weights, huffman_stage3, 
     result = json.loads(capsys.readouterr().out)
     assert [p["method"] for p in result["points"]] == ["featcodec", "featcodec", "huffman-bu", "huffman-bu"]
     assert "huffman-bu" in result["bd_rate"]
+    # --record stores each ladder's own figures in its own file
+    own, anchor = tmp_path / "own.safetensors", tmp_path / "anchor.safetensors"
+    shutil.copy(stage3_weights, own)
+    shutil.copy(huffman_stage3.path, anchor)
+    recorded = ["eval", "--data", str(root), "--sweep", "--json", "--weights", str(own), "--baselines", "huffman-bu",
+                "--huffman-weights", str(anchor), "--record"]
+    assert main(recorded) == 0, capsys.readouterr().err
+    points = json.loads(capsys.readouterr().out)["points"]
+    for path, method in ((own, "featcodec"), (anchor, "huffman-bu")):
+        expected = [round(p["bytes_per_image"], 2) for p in points if p["method"] == method]
+        assert [r["bytes_per_image"] for r in load_ladder(path).rung_info] == expected
     assert main(args[:-2] + ["--huffman-weights", str(stage3_weights)]) == 2
     assert "is not a huffman ladder" in capsys.readouterr().err
     assert main(args[:-4] + ["--huffman-weights", str(huffman_stage3.path)]) == 2
