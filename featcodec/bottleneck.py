@@ -49,9 +49,12 @@ class BottleneckConfig:
     quant_step: float = 1.0  # the huffman BU's quantizer step qp
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict."""
+        """A JSON-ready dict. A factorized BU's dict leaves out the huffman-only fields, so that
+        ladders written before they existed keep their bytes, and their weights tags, when re-saved."""
         data = asdict(self)
         data["out_size"] = list(self.out_size)
+        if self.entropy == "factorized":
+            del data["entropy"], data["quant_step"]
         return data
 
     @classmethod

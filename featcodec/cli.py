@@ -10,6 +10,7 @@ traceback). Heavy modules (torch) are imported inside the commands, so
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -376,8 +377,6 @@ def train(
     files = list_images(data)
     default_name = f"{split}-{HUFFMAN_VARIANT}" if entropy == "huffman" else split
     out = out or Path("weights") / backbone / f"{default_name}.safetensors"
-    import os
-
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         if batch_size % nproc:
             raise FeatcodecError(f"--batch-size {batch_size} must be a multiple of --nproc {nproc}")
