@@ -106,9 +106,12 @@ def test_models_lists_splits_and_rungs(capsysbinary):
     code, out, _ = run_cli(capsysbinary, "models", "--json")
     assert code == 0
     listed = json.loads(out)
-    entries = {e["split"]: e for e in listed if e["backbone"] == "efficientnet_lite0"}
+    lite0 = [e for e in listed if e["backbone"] == "efficientnet_lite0"]
+    entries = {e["split"]: e for e in lite0 if e["ladder"] == "featcodec"}
     assert set(entries) == {"stage2", "stage3", "stage5"}
-    assert entries["stage3"]["shape"] == [80, 14, 14] and entries["stage3"]["ladder"] == "featcodec"
+    assert entries["stage3"]["shape"] == [80, 14, 14]
+    anchors = [e for e in lite0 if e["ladder"] == "huffman-bu"]  # the shipped stage3 anchor
+    assert [e["split"] for e in anchors] == ["stage3"] and len(anchors[0]["rungs"]) == 6
     assert [r["lambda"] for r in entries["stage3"]["rungs"]] == [0.5, 4.0]
     resnet50 = {e["split"]: e for e in listed if e["backbone"] == "resnet50"}
     assert resnet50["layer3.4"]["shape"] == [1024, 14, 14] and resnet50["layer3.4"]["rungs"] == []

@@ -110,36 +110,47 @@ def test_pickled_objects_are_refused_in_pth_weights(tmp_path):
         load_split_model("resnet18", "layer2", weights=str(path))
 
 
-@pytest.mark.parametrize(
-    "name,split", [("resnet50", "layer3.4"), ("resnet18", "layer1"), ("mobilenet_v3_large", "features.12"),
-                   ("efficientnet_lite1", "stage3"), ("efficientnet_lite2", "stage5")]
-)
-def test_stream_round_trips_and_carries_the_new_ids(tmp_path, name, split, capsys):
+@pytest.mark.parametrize("name", NEW_BACKBONES)
+def test_a_stream_round_trips_at_every_split_and_carries_the_new_ids(tmp_path, name):
     from featcodec import bitstream
-    from featcodec.cli import main
+    from featcodec.backbones import SplitModel
     from featcodec.ids import BACKBONE_IDS, SPLITS
 
     spec = get_backbone(name)
-    channels, height, width = spec.split(split).shape
-    config = BottleneckConfig(in_channels=channels, out_size=(height, width), latent_channels=4, hidden_channels=8)
-    weights = tmp_path / f"{split}.safetensors"
-    save_ladder(untrained_ladder(name, split, config, [1.0, 2.0]), weights)
     torch.manual_seed(2)
-    codec = Codec.load(name, split, weights=weights, random_init=True)
-    data = codec.encode([COFFEE], rate=1)
-    record = bitstream.read_stream(data)[0]
-    assert (record.backbone_id, record.split_id) == (BACKBONE_IDS[name], SPLITS[name][split][0])
-    decoded = codec.decode(data)[0]
-    assert decoded.features.shape == (channels, height, width)
-    assert torch.isfinite(decoded.logits).all()
-    # the CLI reads the backbone and split from the header; --random-init is explicit
+    model = spec.build(None, True).eval()
+    for split, point in spec.splits.items():
+        channels, height, width = point.shape
+        config = BottleneckConfig(in_channels=channels, out_size=(height, width), latent_channels=4, hidden_channels=8)
+        ladder = untrained_ladder(name, split, config, [1.0])
+        save_ladder(ladder, tmp_path / f"{split}.safetensors")  # gives the ladder its weights tag
+        codec = Codec(spec, point, SplitModel(*spec.cut(model, split)).eval(), ladder)
+        data = codec.encode([COFFEE], rate=0)
+        record = bitstream.read_stream(data)[0]
+        assert (record.backbone_id, record.split_id) == (BACKBONE_IDS[name], SPLITS[name][split][0]), split
+        decoded = codec.decode(data)[0]
+        assert decoded.features.shape == (channels, height, width) and torch.isfinite(decoded.logits).all(), split
+
+
+def test_cli_reads_new_ids_from_the_header(tmp_path, capsys):
+    from featcodec.cli import main
+
+    spec = get_backbone("resnet50")
+    channels, height, width = spec.split("layer3.4").shape
+    config = BottleneckConfig(in_channels=channels, out_size=(height, width), latent_channels=4, hidden_channels=8)
+    weights = tmp_path / "layer3.4.safetensors"
+    save_ladder(untrained_ladder("resnet50", "layer3.4", config, [1.0, 2.0]), weights)
     stream = tmp_path / "x.fcb"
-    stream.write_bytes(data)
+    encode = ["encode", str(COFFEE), "-b", "resnet50", "-s", "layer3.4", "--weights", str(weights), "--rate", "1",
+              "--random-init", "-o", str(stream)]
+    assert main(encode) == 0
+    capsys.readouterr()
     assert main(["info", str(stream), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["records"][0]["backbone"] == name and info["records"][0]["split"] == split
+    assert info["records"][0]["backbone"] == "resnet50" and info["records"][0]["split"] == "layer3.4"
     assert main(["decode", str(stream), "--weights", str(weights), "--random-init", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["split"] == split
+    decoded = json.loads(capsys.readouterr().out)[0]
+    assert decoded["split"] == "layer3.4" and decoded["rate"] == 1
 
 
 def test_cli_backbone_weights_and_random_init_flags(tmp_path, capsys):
