@@ -106,13 +106,13 @@ def evaluate(
     logits = run_batched(codec.model.tail, split_tensors)
     reference = Reference(split_tensors, torch.tensor(labels), logits, prep.crop * prep.crop)
     top1, top5 = accuracy(reference.logits, reference.labels)
-    points = [_featcodec_point(codec, rate, sizes, reference, progress) for rate in rates]
+    points = [_ladder_point(codec, rate, sizes, reference, progress) for rate in rates]
     if "jpeg" in methods:
         points += jpeg_points(jpeg_files, codec.model, prep, reference, JPEG_QUALITIES, progress)
     points += split_tensor_points([m for m in methods if m in SPLIT_TENSOR_METHODS], codec.model, reference, progress)
     if anchor is not None:
         points += [
-            _featcodec_point(anchor, rate, sizes, reference, progress, method="huffman-bu")
+            _ladder_point(anchor, rate, sizes, reference, progress, method="huffman-bu")
             for rate in range(anchor.num_rates)
         ]
     featcodec_curve = _curve(points, "featcodec")
@@ -140,7 +140,7 @@ def _curve(points: list[PointResult], method: str) -> list[tuple[float, float]]:
     return [(p.bytes_per_image, p.top1) for p in points if p.method == method]
 
 
-def _featcodec_point(
+def _ladder_point(
     codec: Codec,
     rate: int,
     sizes: list[tuple[int, int]],

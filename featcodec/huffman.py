@@ -133,11 +133,15 @@ def decoding_table(lengths) -> tuple[list[int], list[int], int]:
 def decode(data: bytes, table: tuple[list[int], list[int], int], count: int) -> np.ndarray:
     """``count`` symbols from a payload; HuffmanError if it is too short, too long or malformed."""
     table_symbol, table_length, width = table
+    if len(data) > (count * width + 7) // 8:  # also bounds the memory below by the symbol count
+        raise HuffmanError(f"payload of {len(data)} bytes is longer than {count} symbols can be")
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
     total = bits.size
-    padded = np.concatenate([bits, np.zeros(width, dtype=np.uint8)])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, width)[: total + 1]
-    window_values = (windows.astype(np.int64) @ (1 << np.arange(width - 1, -1, -1))).tolist()
+    padded = np.concatenate([bits, np.zeros(width, dtype=np.uint8)]).astype(np.int32)
+    window = np.zeros(total + 1, dtype=np.int32)  # the next `width` bits at every position
+    for offset in range(width):
+        window = (window << 1) | padded[offset : offset + total + 1]
+    window_values = window.tolist()
     out = [0] * count
     position = 0
     for index in range(count):

@@ -180,11 +180,10 @@ def find_ladder(backbone: str, split: str, variant: str | None = None) -> Path:
 def find_ladder_by_tag(backbone: str, split: str, tag: bytes) -> Path | None:
     """The shipped ladder of ``backbone``/``split`` (any variant) whose weights tag is ``tag``, if any."""
     for directory in weights_dirs():
-        folder = directory / backbone
-        for candidate in sorted(folder.glob(f"{split}*.safetensors")) if folder.is_dir() else []:
-            if candidate.name in (f"{split}.safetensors", f"{split}-{HUFFMAN_VARIANT}.safetensors"):
-                if weights_tag(candidate.read_bytes()) == tag:
-                    return candidate
+        for name in (split, f"{split}-{HUFFMAN_VARIANT}"):
+            candidate = directory / backbone / f"{name}.safetensors"
+            if candidate.is_file() and weights_tag(candidate.read_bytes()) == tag:
+                return candidate
     return None
 
 

@@ -84,6 +84,8 @@ def test_malformed_payloads_and_tables_are_refused():
         huffman.decode(bytes([0b10100000]), table, 1)  # a stray 1 in the padding
     with pytest.raises(HuffmanError, match="no Huffman code"):
         huffman.encode([4], lengths)
+    with pytest.raises(HuffmanError, match="longer than 4 symbols can be"):
+        huffman.decode(bytes(100), table, 4)  # refused before any work: at most 4 * 3 bits
     for bad in ([1, 1, 1], [2, 2, 2], [0, 0], [17, 1], []):
         with pytest.raises(HuffmanError):
             huffman.check_lengths(np.array(bad))
