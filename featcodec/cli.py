@@ -389,7 +389,7 @@ def train(
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=_stderr(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=_stderr(), disable=not is_main,
     ) as progress:
         task = progress.add_task("feature cache", total=None, status="")
 
@@ -777,7 +777,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FeatcodecError as exc:
         if debug:
             raise
-        print(f"featcodec: error: {_one_line(exc)}", file=sys.stderr)
+        # Under torchrun every rank checks the same inputs and hits the same error: rank 0 reports it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"featcodec: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 1

@@ -109,12 +109,36 @@ def wrap(unit: torch.nn.Module, context: Context, device: str) -> torch.nn.Modul
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``featcodec <argv>`` under torchrun with ``nproc`` processes on this machine; its exit code."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "featcodec", *argv,
-    ]
+    """Run ``featcodec <argv>`` under torchrun with ``nproc`` processes on this machine; its exit code.
+
+    The launcher runs in a child process (``python -m featcodec.distributed``) that turns a failed
+    worker into that worker's exit code, so the user sees the worker's one-line error, not
+    torchrun's traceback and failure report.
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set, without its banner
+    command = [sys.executable, "-m", "featcodec.distributed", str(nproc), *argv]
     try:
-        return subprocess.run(command, check=False).returncode
+        return subprocess.run(command, check=False, env=env).returncode
     except KeyboardInterrupt:
         return 130
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """torchrun's launcher in this process: ``nproc`` workers running ``featcodec <argv>``."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the workers report errors
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "featcodec", *argv]))
+    except ChildFailedError as failed:
+        _, first = failed.get_first_failure()
+        return first.exitcode if first.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_torchrun(int(sys.argv[1]), sys.argv[2:]))

@@ -78,3 +78,14 @@ def test_nproc_refuses_a_batch_it_cannot_split(image_folder, tmp_path):
                         "--out", str(tmp_path / "x.safetensors"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "featcodec: error: --batch-size 5 must be a multiple of --nproc 2"
+
+
+def test_a_failing_worker_gives_one_error_line_and_its_exit_code(image_folder, tmp_path, stage3_weights):
+    # --init-from a 2-rung ladder with 3 lambdas: every rank refuses it after launch
+    result = _featcodec("train", "--data", str(image_folder), *ARGS, "--lambdas", "1,2,3", "--split", "stage3",
+                        "--init-from", str(stage3_weights), "--nproc", "2", "--out", str(tmp_path / "x.safetensors"),
+                        cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"featcodec: error: --init-from {stage3_weights} has 2 rungs, --lambdas gives 3"], result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
