@@ -39,10 +39,10 @@ except ImportError:  # run from a checkout without installing
 import torch
 
 from featcodec.backbones import get_backbone
-from featcodec.bottleneck import BottleneckConfig
 from featcodec.codec import Codec
+from featcodec.complexity import default_ladder
 from featcodec.errors import FeatcodecError
-from featcodec.ladder import LadderError, find_ladder, untrained_ladder
+from featcodec.ladder import LadderError, find_ladder
 
 STAGES = (
     ("head", "head"),
@@ -87,15 +87,12 @@ def build_codec(backbone: str, split: str, rate: int, weights: Path | None) -> t
             weights = None
     if weights is not None:
         return Codec.load(backbone, split, weights=weights), False
-    channels, height, width = get_backbone(backbone).split(split).shape
-    config = BottleneckConfig(in_channels=channels, out_size=(height, width))
-    lambdas = [float(k + 1) for k in range(rate + 1)]  # placeholders: enough rungs to reach --rate
+    ladder = default_ladder(backbone, split, rungs=rate + 1)  # enough rungs to reach --rate
     note(
         f"no trained ladder shipped for {backbone}/{split}: using an UNTRAINED ladder "
-        f"(random BU weights, {config.latent_channels} latent channels); entropy-coding times "
+        f"(random BU weights, {ladder.config.latent_channels} latent channels); entropy-coding times "
         f"and payload sizes are not those of a trained model"
     )
-    ladder = untrained_ladder(backbone, split, config, lambdas)
     return Codec.load(backbone, split, ladder=ladder), True
 
 

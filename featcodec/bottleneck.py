@@ -198,7 +198,7 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
             spatial = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.g_s = nn.Sequential(nn.Conv2d(latent, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(), spatial)
         self.register_buffer("code_lengths", torch.zeros(self.ALPHABET, dtype=torch.uint8))
-        self._table = None  # decoding table, built from code_lengths on first use
+        self._code = None  # the huffman.Code of code_lengths, built on first use
 
     def _symbols(self, y: torch.Tensor) -> torch.Tensor:
         return torch.round(y / self.config.quant_step).clamp(0, self.ALPHABET - 1)
@@ -214,10 +214,6 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
         y_hat = y + (self._symbols(y) * self.config.quant_step - y).detach()
         bits = (y / self.config.quant_step).sum() / x.shape[0]
         return {"x_hat": self._synthesize(y_hat), "bits": bits}
-
-    def aux_loss(self) -> torch.Tensor:
-        """No auxiliary loss: the Huffman table is built after training."""
-        return torch.zeros(())
 
     def quantized_latent(self, x: torch.Tensor) -> torch.Tensor:
         """The dequantized latent the decoder sees."""
@@ -245,7 +241,7 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
         if split_tensors is not None:
             counts += self.symbol_counts(split_tensors)
         self.code_lengths.copy_(torch.from_numpy(huffman.code_lengths(counts.numpy())))
-        self._table = None
+        self._code = None
 
     def has_coding_tables(self) -> bool:
         """True once the Huffman code lengths are set and form a complete prefix code."""
@@ -259,21 +255,21 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
         """No learned entropy model parameters: an empty module."""
         return nn.Identity()
 
-    def _decoding_table(self):
-        if self._table is None:
-            self._table = huffman.decoding_table(self.code_lengths.numpy())
-        return self._table
+    def _huffman_code(self) -> huffman.Code:
+        if self._code is None:
+            self._code = huffman.Code(self.code_lengths.cpu().numpy())
+        return self._code
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._table = None
+        self._code = None
         super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor) -> dict:
         """Huffman-code a batch of split tensors: ``{"strings": [[bytes]*N], "shape": (h, w)}``."""
         symbols = self._symbols(self.g_a(x)).to(torch.int64).cpu().numpy()
-        lengths = self.code_lengths.numpy()
-        strings = [huffman.encode(item.ravel(), lengths) for item in symbols]
+        code = self._huffman_code()
+        strings = [code.encode(item.ravel()) for item in symbols]
         return {"strings": [strings], "shape": tuple(symbols.shape[-2:])}
 
     @torch.no_grad()
@@ -281,8 +277,8 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
         """Decode the dequantized latent from its strings; FeatcodecError on a malformed payload."""
         height, width = shape
         count = self.config.latent_channels * height * width
-        table = self._decoding_table()
-        latents = [huffman.decode(data, table, count).astype(np.float32) for data in strings[0]]
+        code = self._huffman_code()
+        latents = [code.decode(data, count).astype(np.float32) for data in strings[0]]
         device = self.code_lengths.device
         y = torch.from_numpy(np.stack(latents)).to(device).reshape(-1, self.config.latent_channels, height, width)
         return y * self.config.quant_step

@@ -43,15 +43,15 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def default_ladder(backbone: str, split: str | None) -> Ladder:
-    """A one-rung ladder with an untrained BU of the default size, for costing a split that has no ladder."""
+def default_ladder(backbone: str, split: str | None, rungs: int = 1) -> Ladder:
+    """A ladder of untrained BUs of the default size, for costing or timing a split that has no ladder."""
     from .backbones import get_backbone
 
     spec = get_backbone(backbone)
     point = spec.split(split or spec.default_split)
     channels, height, width = point.shape
     config = BottleneckConfig(in_channels=channels, out_size=(height, width))
-    return untrained_ladder(spec.name, point.name, config, [1.0])
+    return untrained_ladder(spec.name, point.name, config, [float(k + 1) for k in range(rungs)])
 
 
 @torch.no_grad()

@@ -33,7 +33,6 @@ class Context:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     owns_group: bool = False  # this process created the process group and destroys it at the end
 
     @property
@@ -92,7 +91,7 @@ def setup(device: str) -> tuple[Context, str]:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Context(rank, world_size, local_rank, owns), device
+    return Context(rank, world_size, owns), device
 
 
 def wrap(unit: torch.nn.Module, context: Context, device: str) -> torch.nn.Module:

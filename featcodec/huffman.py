@@ -100,19 +100,41 @@ def canonical_codes(lengths) -> np.ndarray:
 
 def encode(symbols, lengths) -> bytes:
     """The payload for ``symbols`` (integers indexing ``lengths``); HuffmanError for a symbol with no code."""
-    symbols = np.asarray(symbols, dtype=np.int64).ravel()
     lengths = check_lengths(lengths)
+    return _encode(symbols, lengths, canonical_codes(lengths))
+
+
+def _encode(symbols, lengths: np.ndarray, codes: np.ndarray) -> bytes:
+    """:func:`encode` with the lengths already checked and their canonical codes at hand."""
+    symbols = np.asarray(symbols, dtype=np.int64).ravel()
     if symbols.size == 0:
         return b""
     if symbols.min() < 0 or symbols.max() >= lengths.size or (lengths[symbols] == 0).any():
         raise HuffmanError("a symbol has no Huffman code")
-    codes = canonical_codes(lengths).astype(np.int64)[symbols]
+    codes = codes.astype(np.int64)[symbols]
     sizes = lengths[symbols].astype(np.int64)
     owner = np.repeat(np.arange(symbols.size), sizes)  # which symbol each output bit belongs to
     starts = np.cumsum(sizes) - sizes
     bit_in_code = np.arange(owner.size) - starts[owner]
     bits = (codes[owner] >> (sizes[owner] - 1 - bit_in_code)) & 1
     return np.packbits(bits.astype(np.uint8)).tobytes()
+
+
+class Code:
+    """One code's lengths, checked once, with its canonical codes and decoding table: what a BU keeps."""
+
+    def __init__(self, lengths):
+        self.lengths = check_lengths(lengths)
+        self.codes = canonical_codes(self.lengths)
+        self.table = decoding_table(self.lengths)
+
+    def encode(self, symbols) -> bytes:
+        """The payload for ``symbols``."""
+        return _encode(symbols, self.lengths, self.codes)
+
+    def decode(self, data: bytes, count: int) -> np.ndarray:
+        """``count`` symbols from a payload."""
+        return decode(data, self.table, count)
 
 
 def decoding_table(lengths) -> tuple[list[int], list[int], int]:

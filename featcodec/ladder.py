@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -182,9 +183,20 @@ def find_ladder_by_tag(backbone: str, split: str, tag: bytes) -> Path | None:
     for directory in weights_dirs():
         for name in (split, f"{split}-{HUFFMAN_VARIANT}"):
             candidate = directory / backbone / f"{name}.safetensors"
-            if candidate.is_file() and weights_tag(candidate.read_bytes()) == tag:
+            if candidate.is_file() and _file_tag(candidate) == tag:
                 return candidate
     return None
+
+
+def _file_tag(path: Path) -> bytes:
+    """The weights tag of a file, hashed once per version of it (decode and verify ask per stream)."""
+    stat = path.stat()
+    return _tag_of_version(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _tag_of_version(path: str, size: int, mtime_ns: int) -> bytes:
+    return weights_tag(Path(path).read_bytes())
 
 
 def untrained_ladder(backbone: str, split: str, config: BottleneckConfig, lambdas: list[float], seed: int = 0) -> Ladder:

@@ -68,7 +68,6 @@ def test_two_gloo_processes_train_a_ladder_that_matches_a_single_process(image_f
     torch.manual_seed(0)  # rung 0 starts from the BU that seed 0 gives
     untrained = make_unit(ladder.config)
     start, reference, distributed = loss(untrained), loss(load_ladder(single).rungs[0]), loss(ladder.rungs[0])
-    print("losses", start, reference, distributed)
     assert reference < 0.8 * start
     assert abs(distributed - reference) < 0.1 * (start - reference), (start, reference, distributed)
 

@@ -82,7 +82,6 @@ def _resnet_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for stage in range(1, 5):
         layer = getattr(model, f"layer{stage}")
         modules += [(f"layer{stage}.{index}", block) for index, block in enumerate(layer)]
-        modules[-1] = (f"layer{stage}", modules[-1][1])  # the last block also ends the stage
     return modules + [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]
 
 
@@ -95,11 +94,9 @@ def _split_position(modules: list[tuple[str, nn.Module]], split: str) -> int:
     names = [name for name, _ in modules]
     if split in names:
         return names.index(split)
-    stage, _, block = split.partition(".")  # "layerS.B" where B is a stage's last block, named "layerS"
-    last = names.index(stage)
-    blocks_before = sum(1 for n in names[:last] if n.startswith(stage + "."))
-    if block.isdigit() and int(block) == blocks_before:
-        return last
+    in_stage = [index for index, name in enumerate(names) if name.startswith(split + ".")]
+    if in_stage:  # a whole stage, "layerS", ends with its last block
+        return in_stage[-1]
     raise BackboneError(f"no block {split} in this model")
 
 
