@@ -315,6 +315,10 @@ def train(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     learning_rate: float = typer.Option(1e-3, "--lr", min=0.0),
     views: int = typer.Option(4, "--views", min=1, help="Augmented views per image in the feature cache."),
+    mixup: float = typer.Option(
+        0.0, "--mixup", min=0.0, help="Blend every view after the first with another image's view, weight ~ "
+        "Beta(a, a); the teacher sees the same blend (0: off)."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Default: weights/<backbone>/<split>.safetensors"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the feature cache is kept."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
@@ -359,7 +363,7 @@ def train(
     config = TrainConfig(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
-        pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda, kd_weight=kd_weight,
+        pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda, kd_weight=kd_weight, mixup=mixup,
     )
     config.validate()
     from .bottleneck import ENTROPY_CODERS, BottleneckConfig

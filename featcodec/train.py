@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     aux_learning_rate: float = 1e-3
     views: int = 4  # augmented views per image in the feature cache
+    mixup: float = 0.0  # Beta(a, a) mixup of views 2..N with another image's view (0: off)
     seed: int = 0
     checkpoint_every: int = 250
     kd_temperature: float = 1.0
@@ -69,6 +71,8 @@ class TrainConfig:
             raise TrainError(f"unknown distortion '{self.distortion}' (choose from {', '.join(DISTORTIONS)})")
         if self.steps < 1 or self.batch_size < 1 or self.views < 1:
             raise TrainError("steps, batch size and views must be positive")
+        if not (self.mixup >= 0 and math.isfinite(self.mixup)):
+            raise TrainError(f"mixup must be a non-negative number, got {self.mixup}")
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -106,11 +110,18 @@ def build_feature_cache(
     batch_size: int = 32,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    mixup: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Run the head over ``views`` augmented views of every image: ``{"features", "logits"?}`` in fp16."""
+    """Run the head over ``views`` augmented views of every image: ``{"features", "logits"?}`` in fp16.
+
+    With ``mixup`` > 0, every view after the first blends the image with a view of a random
+    other image, weight ~ Beta(mixup, mixup); the teacher logits are those of the blend, so
+    the student matches the teacher's function on more distinct inputs (view 0 stays plain).
+    """
     prep = get_backbone(backbone).preprocessing
     transform = _augment(prep)
     torch.manual_seed(seed)
+    blend = torch.distributions.Beta(mixup, mixup) if mixup > 0 else None
     images = []
     for path in files:
         try:
@@ -133,9 +144,14 @@ def build_feature_cache(
         batch.clear()
 
     done = 0
-    for _ in range(views):
+    for view in range(views):
         for image in images:
-            batch.append(transform(image))
+            x = transform(image)
+            if blend is not None and view > 0:
+                weight = float(blend.sample())
+                partner = images[int(torch.randint(len(images), ()))]
+                x = weight * x + (1 - weight) * transform(partner)
+            batch.append(x)
             if len(batch) == batch_size:
                 flush()
             done += 1
@@ -150,12 +166,20 @@ def build_feature_cache(
 
 
 def cache_key(config: TrainConfig, files: list[Path], with_logits: bool) -> str:
-    """A hash naming the cache: backbone, split, views, seed, teacher logits and the file list."""
+    """A hash naming the cache: backbone, split, views, mixup, seed, teacher logits and the images.
+
+    Images count by their path below the data folder and their bytes, so a copy of the folder
+    elsewhere (or with new mtimes) finds the same cache, and an edited image builds a new one.
+    """
     digest = hashlib.sha256()
-    digest.update(json.dumps([config.backbone, config.split, config.views, config.seed, with_logits]).encode())
+    settings = [config.backbone, config.split, config.views, config.seed, with_logits]
+    if config.mixup:
+        settings.append(config.mixup)
+    digest.update(json.dumps(settings).encode())
+    root = Path(os.path.commonpath([str(path.parent) for path in files]))
     for path in files:
-        stat = path.stat()
-        digest.update(f"{path}|{stat.st_size}|{int(stat.st_mtime)}".encode())
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.blake2b(path.read_bytes(), digest_size=16).digest())
     return digest.hexdigest()[:16]
 
 
@@ -170,7 +194,8 @@ def load_or_build_cache(
     if path.is_file():
         return load_file(str(path))
     cache = build_feature_cache(
-        model, config.backbone, files, config.views, config.seed, with_logits, device=device, progress=progress
+        model, config.backbone, files, config.views, config.seed, with_logits, device=device, progress=progress,
+        mixup=config.mixup,
     )
     atomic_write_bytes(path, save(cache))
     return cache
@@ -472,7 +497,8 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
         ],
         extra={
             "training": {
-                "data": f"{len(files)} images under {Path(data).name}/, {config.views} augmented views each",
+                "data": f"{len(files)} images under {Path(data).name}/, {config.views} augmented views each"
+                + (f", mixup {config.mixup:g}" if config.mixup else ""),
                 "batch_size": config.batch_size,
                 "seconds": round(elapsed + (initial.extra.get("training", {}).get("seconds", 0) if initial else 0), 1),
                 **({"init_from": Path(init_from).name} if initial else {}),

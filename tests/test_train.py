@@ -100,11 +100,34 @@ def test_larger_lambda_gives_more_bits_and_less_distortion(image_folder, tmp_pat
 
 @pytest.mark.parametrize(
     "changes,message",
-    [({"lambdas": [1.0, -2.0]}, "positive"), ({"lambdas": []}, "at least one"), ({"distortion": "l1"}, "unknown distortion")],
+    [({"lambdas": [1.0, -2.0]}, "positive"), ({"lambdas": []}, "at least one"), ({"distortion": "l1"}, "unknown distortion"),
+     ({"mixup": -1.0}, "mixup"), ({"mixup": float("nan")}, "mixup")],
 )
 def test_bad_training_settings(changes, message, image_folder, tmp_path):
     with pytest.raises(TrainError, match=message):
         train_ladder(tiny_config(**changes), image_folder, tmp_path / "x.safetensors", SMALL_BU)
+
+
+def test_mixup_cache_blends_views_after_the_first(image_folder, tmp_path):
+    from featcodec.backbones import load_split_model
+    from featcodec.train import build_feature_cache, cache_key, list_images
+
+    files = list_images(image_folder)
+    model = load_split_model("efficientnet_lite0", "stage5").eval()
+
+    def build(mixup):
+        return build_feature_cache(model, "efficientnet_lite0", files, 2, 0, True, mixup=mixup)
+
+    plain, mixed, again = build(0.0), build(1.0), build(1.0)
+    n = len(files)
+    assert torch.equal(mixed["features"][:n], plain["features"][:n])  # view 0 stays plain
+    assert not torch.allclose(mixed["features"][n:].float(), plain["features"][n:].float(), atol=1e-2)
+    assert torch.equal(mixed["features"], again["features"])  # seeded
+    # the teacher saw the same blended view as the student's input
+    with torch.no_grad():
+        tail_logits = model.tail(mixed["features"][n:].float())
+    assert torch.allclose(tail_logits, mixed["logits"][n:].float(), atol=0.1)
+    assert cache_key(tiny_config(mixup=1.0), files, True) != cache_key(tiny_config(), files, True)
 
 
 def test_empty_data_folder(tmp_path):
@@ -129,6 +152,7 @@ def test_train_cli_writes_a_ladder_and_reports_bad_settings(image_folder, tmp_pa
         (["--lambdas", "1,x"], "comma-separated numbers"),
         (["--split", "stage9"], "unknown split"),
         (["--distortion", "l1"], "unknown distortion"),
+        (["--mixup", "-0.5"], "--mixup"),
         (["--data", str(tmp_path / "nothing")], "not found"),
     ]:
         assert main(args + bad) == 2
@@ -155,3 +179,18 @@ def test_init_from_continues_each_rung_of_a_ladder(image_folder, tmp_path):
     with pytest.raises(TrainError, match="BU config"):
         other = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=4, hidden_channels=16)
         train_ladder(tiny_config(), image_folder, tmp_path / "y.safetensors", other, cache_dir=cache, init_from=first)
+
+
+def test_cache_key_follows_image_content_not_location(image_folder, tmp_path):
+    import shutil
+
+    from featcodec.train import cache_key, list_images
+
+    copy = tmp_path / "copy"
+    shutil.copytree(image_folder, copy)
+    key = cache_key(tiny_config(), list_images(image_folder), True)
+    assert cache_key(tiny_config(), list_images(copy), True) == key
+    edited = list_images(copy)[3]
+    edited.write_bytes(edited.read_bytes() + b"\0")
+    assert cache_key(tiny_config(), list_images(copy), True) != key
+    assert cache_key(tiny_config(views=2), list_images(image_folder), True) != key
