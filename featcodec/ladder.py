@@ -2,8 +2,11 @@
 
 Tensor keys are ``rung{k}.<state-dict key>``. The safetensors header metadata
 holds one JSON string under ``featcodec``: backbone, split, BU config and, per
-rung, its lambda and any measured bytes per image and top-1. The first 8 bytes
-of the file's SHA-256 is the *weights tag* that every bitstream record carries.
+rung, its lambda and any measured bytes per image and top-1. A rung whose BU is
+sized differently from the ladder's (a joined ladder, see :func:`join_ladders`)
+carries its own ``bu`` entry; such files are format 2, so older readers refuse
+them cleanly. The first 8 bytes of the file's SHA-256 is the *weights tag* that
+every bitstream record carries.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .fileio import atomic_write_bytes
 
 METADATA_KEY = "featcodec"
 LADDER_FORMAT = 1
+MIXED_LADDER_FORMAT = 2  # some rung has a BU config of its own
 WEIGHTS_ENV = "FEATCODEC_WEIGHTS"
 
 
@@ -38,7 +42,7 @@ class Ladder:
 
     backbone: str
     split: str
-    config: BottleneckConfig
+    config: BottleneckConfig  # the ladder's BU config; a rung may differ in size (rungs[k].config)
     rungs: list[nn.Module]  # BottleneckUnit or HuffmanBottleneckUnit, as config.entropy says
     rung_info: list[dict]  # per rung: lambda, and optional measured figures
     extra: dict = field(default_factory=dict)  # other metadata (training details)
@@ -54,14 +58,22 @@ class Ladder:
             )
         return self.rungs[index]
 
+    def is_mixed(self) -> bool:
+        """True if some rung's BU is sized differently from ``config``."""
+        return any(unit.config != self.config for unit in self.rungs)
+
     def metadata(self) -> dict:
         """The JSON metadata stored in the file header."""
+        rungs = [
+            {**info, **({"bu": unit.config.to_dict()} if unit.config != self.config else {})}
+            for info, unit in zip(self.rung_info, self.rungs)
+        ]
         return {
-            "format": LADDER_FORMAT,
+            "format": MIXED_LADDER_FORMAT if self.is_mixed() else LADDER_FORMAT,
             "backbone": self.backbone,
             "split": self.split,
             "bu": self.config.to_dict(),
-            "rungs": self.rung_info,
+            "rungs": rungs,
             **self.extra,
         }
 
@@ -98,7 +110,7 @@ def read_ladder_metadata(path: Path) -> dict:
     except Exception as exc:  # safetensors raises its own SafetensorError
         kind = "no '%s' metadata" % METADATA_KEY if isinstance(exc, KeyError) else "unreadable header"
         raise LadderError(f"{path}: not a featcodec ladder ({kind})") from None
-    if not isinstance(meta, dict) or meta.get("format") != LADDER_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (LADDER_FORMAT, MIXED_LADDER_FORMAT):
         found = meta.get("format") if isinstance(meta, dict) else meta
         raise LadderError(f"{path}: unsupported ladder format {found!r}")
     return meta
@@ -119,15 +131,22 @@ def load_ladder(path: str | Path) -> Ladder:
         raise LadderError(f"{path}: cannot read tensors ({str(exc).splitlines()[0]})") from None
     try:
         config = BottleneckConfig.from_dict(meta["bu"])
-        rung_info = list(meta["rungs"])
+        rung_info = [dict(info) for info in meta["rungs"]]
+        rung_configs = [BottleneckConfig.from_dict(info.pop("bu")) if "bu" in info else config for info in rung_info]
         backbone, split = meta["backbone"], meta["split"]
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise LadderError(f"{path}: incomplete ladder metadata ({exc})") from None
+    except FeatcodecError as exc:
+        raise LadderError(f"{path}: {exc}") from None
+    for index, rung_config in enumerate(rung_configs):
+        problem = _mismatch(config, rung_config)
+        if problem:
+            raise LadderError(f"{path}: rung {index} {problem}")
     rungs = []
-    for index in range(len(rung_info)):
+    for index, rung_config in enumerate(rung_configs):
         prefix = f"rung{index}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        unit = make_unit(config)
+        unit = make_unit(rung_config)
         try:
             unit.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError) as exc:
@@ -148,6 +167,35 @@ def load_ladder(path: str | Path) -> Ladder:
         weights_tag=weights_tag(data),
         path=path,
     )
+
+
+def _mismatch(config: BottleneckConfig, other: BottleneckConfig) -> str:
+    """Why ``other`` cannot sit in a ladder of ``config`` ('' if it can): same coder, same split tensor."""
+    if other.entropy != config.entropy:
+        return f"uses the {other.entropy} entropy coder, the ladder {config.entropy}"
+    if (other.in_channels, tuple(other.out_size)) != (config.in_channels, tuple(config.out_size)):
+        return f"codes split tensors of {other.in_channels}x{other.out_size}, the ladder {config.in_channels}x{config.out_size}"
+    return ""
+
+
+def join_ladders(lower: Ladder, upper: Ladder) -> Ladder:
+    """One ladder: the rungs of ``lower``, then those of ``upper`` (e.g. wider BUs for higher rates).
+
+    Both must cut the same backbone at the same split and use the same entropy coder; their BU
+    sizes may differ. The upper rungs keep their lambda and steps and record their training run.
+    """
+    if (lower.backbone, lower.split) != (upper.backbone, upper.split):
+        raise LadderError(
+            f"cannot join a {lower.backbone}/{lower.split} ladder with a {upper.backbone}/{upper.split} one"
+        )
+    for unit in upper.rungs:
+        problem = _mismatch(lower.config, unit.config)
+        if problem:
+            raise LadderError(f"cannot join: the upper ladder {problem}")
+    training = upper.extra.get("training")
+    upper_info = [{**info, **({"training": training} if training else {})} for info in upper.rung_info]
+    return Ladder(lower.backbone, lower.split, lower.config, lower.rungs + upper.rungs,
+                  lower.rung_info + upper_info, dict(lower.extra))
 
 
 def weights_dirs() -> list[Path]:

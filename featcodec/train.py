@@ -290,6 +290,8 @@ def _initial_ladder(path, backbone: str, split: str, bu_config: BottleneckConfig
     ladder = load_ladder(path)
     if (ladder.backbone, ladder.split) != (backbone, split):
         raise TrainError(f"--init-from {path} is a {ladder.backbone}/{ladder.split} ladder, not {backbone}/{split}")
+    if ladder.is_mixed():
+        raise TrainError(f"--init-from {path}: its rungs have BUs of different sizes; start from a ladder with one")
     if ladder.config != bu_config:
         raise TrainError(f"--init-from {path} has BU config {ladder.config.to_dict()}, this run {bu_config.to_dict()}")
     if len(ladder.rungs) != rungs:
