@@ -1,0 +1,179 @@
+"""Probe a BU recipe without touching val: train one rung on 6/7 of a training folder, measure on the rest.
+
+Every 7th image (sorted order, index % 7 == 0) is held out. The rung trains from the feature
+cache of the other images (``--views``, ``--mixup``), then is measured on the held-out images'
+centre crops: bytes per image of the entropy-coded payload and top-1 agreement with the
+uncompressed model (no labels needed). Examples, as run for the notes of issue 3:
+
+    # one stride-2 rung from scratch: 300 mse steps, then 800 mse+kd steps
+    python benchmarks/holdout_probe.py --data ../shared/data/train --steps 800
+    python benchmarks/holdout_probe.py --data ../shared/data/train --steps 800 --bu '{"stride": 1}'
+    python benchmarks/holdout_probe.py --data ../shared/data/train --steps 800 --bu '{"layers": 3}'
+    python benchmarks/holdout_probe.py --data ../shared/data/train --steps 800 --hyperprior
+    # fine-tune rung 3 of the shipped ladder, plain views against mixed views
+    python benchmarks/holdout_probe.py --data ../shared/data/train --init-rung 3 --steps 600 --lr 3e-4
+    python benchmarks/holdout_probe.py --data ../shared/data/train --init-rung 3 --steps 600 --lr 3e-4 --mixup 1
+
+(A rung started from the shipped ladder has seen the held-out images in its first training,
+so compare such runs with each other, not with runs from scratch.)
+
+``--hyperprior`` is a prototype, not yet a BU the codec can ship: the same g_a/g_s with a scale
+hyperprior (CompressAI's GaussianConditional for the latent, an EntropyBottleneck for the side
+latent z). Its bytes are estimated from the likelihoods of y and z (no entropy coding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")  # raised while importing compressai
+
+ROOT = Path(__file__).resolve().parent.parent
+
+try:
+    import featcodec  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import torch
+from torch import nn
+
+from featcodec import train as training
+from featcodec.backbones import get_backbone, load_split_model
+from featcodec.bottleneck import BottleneckConfig, _decoder, _encoder, make_unit
+from featcodec.images import load_image, preprocess
+from featcodec.ladder import find_ladder, load_ladder
+
+HOLD_EVERY = 7
+REPORT_EVERY = 200
+
+
+def hyperprior_unit(config: BottleneckConfig) -> nn.Module:
+    """The prototype: featcodec's g_a/g_s around a scale hyperprior (h_a, h_s; z at half the latent size)."""
+    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+    from compressai.models import CompressionModel
+
+    class HyperpriorUnit(CompressionModel):
+        def __init__(self):
+            super().__init__()
+            n = config.latent_channels
+            self.config = config
+            self.g_a, self.g_s = _encoder(config), _decoder(config)
+            self.h_a = nn.Sequential(nn.Conv2d(n, n, 3, padding=1), nn.ReLU(), nn.Conv2d(n, n, 3, stride=2, padding=1))
+            self.h_s = nn.Sequential(nn.ConvTranspose2d(n, n, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+                                     nn.Conv2d(n, n, 3, padding=1))
+            self.entropy_bottleneck = EntropyBottleneck(n)
+            self.gaussian_conditional = GaussianConditional(None)
+
+        def forward(self, x):
+            y = self.g_a(x)
+            z_hat, z_likelihoods = self.entropy_bottleneck(self.h_a(torch.abs(y)))
+            scales = nn.functional.softplus(self.h_s(z_hat))[..., : y.shape[-2], : y.shape[-1]]
+            y_hat, y_likelihoods = self.gaussian_conditional(y, scales)
+            z_bits = -torch.log2(z_likelihoods).sum() / x.shape[0]
+            bits = -torch.log2(y_likelihoods).sum() / x.shape[0] + z_bits
+            height, width = config.out_size
+            return {"x_hat": self.g_s(y_hat)[..., :height, :width], "bits": bits, "z_bits": z_bits}
+
+    return HyperpriorUnit()
+
+
+@torch.no_grad()
+def holdout_set(model, backbone: str, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split tensors of the held-out centre crops and the uncompressed model's top-1 for each."""
+    prep = get_backbone(backbone).preprocessing
+    features = torch.cat([model.head(preprocess(load_image(path), prep).unsqueeze(0)) for path in files])
+    return features, model.tail(features).argmax(-1)
+
+
+@torch.no_grad()
+def measure(unit, model, features: torch.Tensor, teacher_top1: torch.Tensor) -> tuple[float, float]:
+    """(payload bytes per image, top-1 agreement %) of ``unit`` on the held-out split tensors."""
+    unit.eval()
+    if hasattr(unit, "gaussian_conditional"):  # the hyperprior prototype: estimated bytes
+        output = unit(features)
+        agree = (model.tail(output["x_hat"]).argmax(-1) == teacher_top1).float().mean().item()
+        unit.train()
+        return output["bits"].item() / 8, 100 * agree
+    unit.build_coding_tables()
+    total_bytes, agree = 0, 0
+    for start in range(0, len(features), 50):
+        batch = features[start : start + 50]
+        coded = unit.compress(batch)
+        total_bytes += sum(len(s) for s in coded["strings"][0])
+        rebuilt = unit.decompress(coded["strings"], coded["shape"])["x_hat"]
+        agree += (model.tail(rebuilt).argmax(-1) == teacher_top1[start : start + 50]).sum().item()
+    unit.train()
+    return total_bytes / len(features), 100 * agree / len(features)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="training image folder (recursive)")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--split", default="stage3")
+    parser.add_argument("--bu", default="{}", help="JSON changes to the default BU config, e.g. '{\"stride\": 1}'")
+    parser.add_argument("--hyperprior", action="store_true", help="the scale-hyperprior prototype (bytes estimated)")
+    parser.add_argument("--init-rung", type=int, help="start from this rung of the shipped ladder (no pre-training)")
+    parser.add_argument("--lambda", dest="lam", type=float, default=200.0)
+    parser.add_argument("--kd-weight", type=float, default=30.0)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrain-lambda", type=float, default=3000.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--mixup", type=float, default=0.0)
+    parser.add_argument("--cache-dir", type=Path, default=Path(".featcodec-cache"))
+    args = parser.parse_args()
+    if args.hyperprior and args.init_rung is not None:
+        parser.error("--hyperprior trains from scratch; leave out --init-rung")
+
+    files = training.list_images(args.data)
+    held = [path for index, path in enumerate(files) if index % HOLD_EVERY == 0]
+    fit = [path for index, path in enumerate(files) if index % HOLD_EVERY != 0]
+    model = load_split_model(args.backbone, args.split).eval()
+    hold_features, hold_top1 = holdout_set(model, args.backbone, held)
+    config = training.TrainConfig(args.backbone, args.split, [args.lam], distortion="mse+kd", steps=args.steps,
+                                  learning_rate=args.lr, views=args.views, kd_weight=args.kd_weight, mixup=args.mixup)
+    cache = training.load_or_build_cache(config, model, fit, args.cache_dir, "cpu")
+    features, logits = cache["features"], cache["logits"]
+    channels, height, width = features.shape[1:]
+
+    if args.init_rung is not None:
+        unit = load_ladder(find_ladder(args.backbone, args.split)).rung(args.init_rung)
+        phases = [("train", args.steps, "mse+kd", args.lam)]
+    else:
+        bu = replace(BottleneckConfig(in_channels=channels, out_size=(height, width)), **json.loads(args.bu))
+        torch.manual_seed(0)
+        unit = hyperprior_unit(bu) if args.hyperprior else make_unit(bu)
+        phases = [("pretrain", args.pretrain_steps, "mse", args.pretrain_lambda), ("train", args.steps, "mse+kd", args.lam)]
+    kind = "scale-hyperprior prototype, bytes estimated" if args.hyperprior else "payload bytes coded"
+    print(f"{len(fit)} images to fit ({len(features)} views), {len(held)} held out; BU {unit.config.to_dict()} ({kind})")
+    if args.init_rung is not None:
+        print("start: bytes %.1f, agreement %.2f %%" % measure(unit, model, hold_features, hold_top1), flush=True)
+    started = time.time()
+    for phase, steps, kind, lam in phases:
+        phase_config = replace(config, distortion=kind, steps=steps, lambdas=[lam])
+        opt, aux_opt = training._optimizers(unit, phase_config)
+        offset = 0 if phase == "pretrain" else 10**6
+        for step in range(steps):
+            generator = torch.Generator().manual_seed(step + offset)
+            index = torch.randint(len(features), (32,), generator=generator)
+            stats = training._train_step(unit, opt, aux_opt, features[index].float(), logits[index].float(), lam,
+                                         training._learning_rate(phase_config, step), kind, model.tail, phase_config)
+            if phase == "train" and ((step + 1) % REPORT_EVERY == 0 or step + 1 == steps):
+                held_bytes, agreement = measure(unit, model, hold_features, hold_top1)
+                print(f"step {step + 1}: train bits {stats['bits']:.0f}, kd {stats.get('kd', 0):.2f}; held out: "
+                      f"{held_bytes:.1f} B payload, agreement {agreement:.2f} % ({time.time() - started:.0f} s)",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
