@@ -13,18 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import warnings
-from pathlib import Path
 
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")  # raised while importing compressai
-
-ROOT = Path(__file__).resolve().parent.parent
-
-try:
-    import featcodec  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+import _bootstrap  # noqa: F401 (quiets compressai's warning, finds featcodec)
 
 import torch
 

@@ -30,20 +30,12 @@ import random
 import sys
 import tempfile
 import time
-import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")  # raised while importing compressai
-
-ROOT = Path(__file__).resolve().parent.parent
+from _bootstrap import ROOT  # quiets compressai's import warning, finds featcodec
 EXAMPLES = ROOT / "examples"
-
-try:
-    import featcodec  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
 
 import torch
 from rich.console import Console

@@ -28,18 +28,10 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")  # raised while importing compressai
-
-ROOT = Path(__file__).resolve().parent.parent
-
-try:
-    import featcodec  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+import _bootstrap  # noqa: F401 (quiets compressai's warning, finds featcodec)
 
 import torch
 from torch import nn

@@ -24,17 +24,9 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")  # raised while importing compressai
-
-ROOT = Path(__file__).resolve().parent.parent
-
-try:
-    import featcodec  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+from _bootstrap import ROOT  # quiets compressai's import warning, finds featcodec
 
 import torch
 
