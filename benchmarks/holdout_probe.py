@@ -17,9 +17,8 @@ uncompressed model (no labels needed). Examples, as run for the notes of issue 3
 (A rung started from the shipped ladder has seen the held-out images in its first training,
 so compare such runs with each other, not with runs from scratch.)
 
-``--hyperprior`` is a prototype, not yet a BU the codec can ship: the same g_a/g_s with a scale
-hyperprior (CompressAI's GaussianConditional for the latent, an EntropyBottleneck for the side
-latent z). Its bytes are estimated from the likelihoods of y and z (no entropy coding).
+``--hyperprior`` trains a BU with a scale hyperprior (``featcodec train --entropy hyperprior``)
+from scratch. Bytes are always those of the real entropy coding (both strings of a hyperprior rung).
 """
 
 from __future__ import annotations
@@ -34,46 +33,15 @@ from pathlib import Path
 import _bootstrap  # noqa: F401 (quiets compressai's warning, finds featcodec)
 
 import torch
-from torch import nn
 
 from featcodec import train as training
 from featcodec.backbones import get_backbone, load_split_model
-from featcodec.bottleneck import BottleneckConfig, _decoder, _encoder, make_unit
+from featcodec.bottleneck import BottleneckConfig, make_unit
 from featcodec.images import load_image, preprocess
 from featcodec.ladder import find_ladder, load_ladder
 
 HOLD_EVERY = 7
 REPORT_EVERY = 200
-
-
-def hyperprior_unit(config: BottleneckConfig) -> nn.Module:
-    """The prototype: featcodec's g_a/g_s around a scale hyperprior (h_a, h_s; z at half the latent size)."""
-    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-    from compressai.models import CompressionModel
-
-    class HyperpriorUnit(CompressionModel):
-        def __init__(self):
-            super().__init__()
-            n = config.latent_channels
-            self.config = config
-            self.g_a, self.g_s = _encoder(config), _decoder(config)
-            self.h_a = nn.Sequential(nn.Conv2d(n, n, 3, padding=1), nn.ReLU(), nn.Conv2d(n, n, 3, stride=2, padding=1))
-            self.h_s = nn.Sequential(nn.ConvTranspose2d(n, n, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
-                                     nn.Conv2d(n, n, 3, padding=1))
-            self.entropy_bottleneck = EntropyBottleneck(n)
-            self.gaussian_conditional = GaussianConditional(None)
-
-        def forward(self, x):
-            y = self.g_a(x)
-            z_hat, z_likelihoods = self.entropy_bottleneck(self.h_a(torch.abs(y)))
-            scales = nn.functional.softplus(self.h_s(z_hat))[..., : y.shape[-2], : y.shape[-1]]
-            y_hat, y_likelihoods = self.gaussian_conditional(y, scales)
-            z_bits = -torch.log2(z_likelihoods).sum() / x.shape[0]
-            bits = -torch.log2(y_likelihoods).sum() / x.shape[0] + z_bits
-            height, width = config.out_size
-            return {"x_hat": self.g_s(y_hat)[..., :height, :width], "bits": bits, "z_bits": z_bits}
-
-    return HyperpriorUnit()
 
 
 @torch.no_grad()
@@ -88,17 +56,12 @@ def holdout_set(model, backbone: str, files: list[Path]) -> tuple[torch.Tensor, 
 def measure(unit, model, features: torch.Tensor, teacher_top1: torch.Tensor) -> tuple[float, float]:
     """(payload bytes per image, top-1 agreement %) of ``unit`` on the held-out split tensors."""
     unit.eval()
-    if hasattr(unit, "gaussian_conditional"):  # the hyperprior prototype: estimated bytes
-        output = unit(features)
-        agree = (model.tail(output["x_hat"]).argmax(-1) == teacher_top1).float().mean().item()
-        unit.train()
-        return output["bits"].item() / 8, 100 * agree
     unit.build_coding_tables()
     total_bytes, agree = 0, 0
     for start in range(0, len(features), 50):
         batch = features[start : start + 50]
         coded = unit.compress(batch)
-        total_bytes += sum(len(s) for s in coded["strings"][0])
+        total_bytes += sum(len(s) for strings in coded["strings"] for s in strings)
         rebuilt = unit.decompress(coded["strings"], coded["shape"])["x_hat"]
         agree += (model.tail(rebuilt).argmax(-1) == teacher_top1[start : start + 50]).sum().item()
     unit.train()
@@ -111,7 +74,7 @@ def main() -> int:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--split", default="stage3")
     parser.add_argument("--bu", default="{}", help="JSON changes to the default BU config, e.g. '{\"stride\": 1}'")
-    parser.add_argument("--hyperprior", action="store_true", help="the scale-hyperprior prototype (bytes estimated)")
+    parser.add_argument("--hyperprior", action="store_true", help="a BU with a scale hyperprior, from scratch")
     parser.add_argument("--init-rung", type=int, help="start from this rung of the shipped ladder (no pre-training)")
     parser.add_argument("--lambda", dest="lam", type=float, default=200.0)
     parser.add_argument("--kd-weight", type=float, default=30.0)
@@ -137,16 +100,16 @@ def main() -> int:
     features, logits = cache["features"], cache["logits"]
     channels, height, width = features.shape[1:]
 
+    entropy = {"entropy": "hyperprior"} if args.hyperprior else {}
+    torch.manual_seed(0)
     if args.init_rung is not None:
         unit = load_ladder(find_ladder(args.backbone, args.split)).rung(args.init_rung)
         phases = [("train", args.steps, "mse+kd", args.lam)]
     else:
-        bu = replace(BottleneckConfig(in_channels=channels, out_size=(height, width)), **json.loads(args.bu))
-        torch.manual_seed(0)
-        unit = hyperprior_unit(bu) if args.hyperprior else make_unit(bu)
+        bu = replace(BottleneckConfig(in_channels=channels, out_size=(height, width)), **json.loads(args.bu), **entropy)
+        unit = make_unit(bu)
         phases = [("pretrain", args.pretrain_steps, "mse", args.pretrain_lambda), ("train", args.steps, "mse+kd", args.lam)]
-    kind = "scale-hyperprior prototype, bytes estimated" if args.hyperprior else "payload bytes coded"
-    print(f"{len(fit)} images to fit ({len(features)} views), {len(held)} held out; BU {unit.config.to_dict()} ({kind})")
+    print(f"{len(fit)} images to fit ({len(features)} views), {len(held)} held out; BU {unit.config.to_dict()}")
     if args.init_rung is not None:
         print("start: bytes %.1f, agreement %.2f %%" % measure(unit, model, hold_features, hold_top1), flush=True)
     started = time.time()

@@ -36,6 +36,7 @@ from featcodec.complexity import default_ladder
 from featcodec.errors import FeatcodecError
 from featcodec.ladder import LadderError, find_ladder
 
+# For a hyperprior rung, entropy coding and decoding include its hyper networks h_a and h_s.
 STAGES = (
     ("head", "head"),
     ("g_a", "BU encoder (g_a)"),
@@ -100,9 +101,9 @@ def bench_split(codec: Codec, x: torch.Tensor, rate: int, repeats: int, warmup: 
         t1 = clock()
         y = unit.g_a(split_tensor)
         t2 = clock()
-        strings = unit.entropy_bottleneck.compress(y)
+        coded = unit.compress_latent(y)
         t3 = clock()
-        y_hat = unit.entropy_bottleneck.decompress(strings, y.shape[-2:])
+        y_hat = unit.decompress_latent(coded["strings"], coded["shape"])
         t4 = clock()
         x_hat = unit._synthesize(y_hat)
         t5 = clock()

@@ -1,18 +1,23 @@
 """Bottleneck units (BUs): conv encoder, entropy coder, conv decoder.
 
-Two kinds, chosen by ``BottleneckConfig.entropy``:
+Three kinds, chosen by ``BottleneckConfig.entropy``:
 
 ``factorized`` (:class:`BottleneckUnit`, featcodec's own)
     conv/GDN encoder, CompressAI's EntropyBottleneck with rANS coding, conv decoder.
+``hyperprior`` (:class:`HyperpriorBottleneckUnit`)
+    the same encoder and decoder around a scale hyperprior (Balle et al. 2018): a
+    side latent ``z`` (EntropyBottleneck) carries the scale of every latent value,
+    which CompressAI's GaussianConditional codes with rANS. Two payload strings.
 ``huffman`` (:class:`HuffmanBottleneckUnit`, the ``huffman-bu`` anchor)
     the seed paper's style: depthwise 3x3 conv, 1x1 channel-reducing conv with
     BN and ReLU, a uniform scalar quantizer (step ``quant_step``) with a
     straight-through gradient, and a static Huffman code built on training
     data; the decoder mirrors the encoder.
 
-Both follow CompressAI's contract: ``forward(x)`` returns the reconstruction
+All follow CompressAI's contract: ``forward(x)`` returns the reconstruction
 and a differentiable ``bits`` per image for training; ``compress(x)`` returns
 ``{"strings", "shape"}`` and ``decompress(strings, shape)`` rebuilds ``x``.
+``PAYLOAD_STRINGS`` says how many strings a record of the kind carries.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import math
 
 import numpy as np
 import torch
-from compressai.entropy_models import EntropyBottleneck
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import GDN
 from compressai.models import CompressionModel
 from torch import nn
@@ -31,7 +36,7 @@ from torch import nn
 from . import huffman
 from .errors import FeatcodecError
 
-ENTROPY_CODERS = ("factorized", "huffman")
+ENTROPY_CODERS = ("factorized", "hyperprior", "huffman")
 
 
 @dataclass(frozen=True)
@@ -45,16 +50,19 @@ class BottleneckConfig:
     stride: int = 2  # spatial downsampling of the latent: 1 or 2
     layers: int = 2  # conv layers in g_a (and in g_s)
     gdn: bool = True  # GDN / inverse GDN between layers, else ReLU
-    entropy: str = "factorized"  # "factorized" (EntropyBottleneck + rANS) or "huffman"
+    entropy: str = "factorized"  # "factorized" (EntropyBottleneck + rANS), "hyperprior" or "huffman"
     quant_step: float = 1.0  # the huffman BU's quantizer step qp
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict. A factorized BU's dict leaves out the huffman-only fields, so that
-        ladders written before they existed keep their bytes, and their weights tags, when re-saved."""
+        """A JSON-ready dict. A factorized BU's dict leaves out the fields added after it (entropy,
+        quant_step), so that ladders written before they existed keep their bytes, and their weights
+        tags, when re-saved; only a huffman BU records its quantizer step."""
         data = asdict(self)
         data["out_size"] = list(self.out_size)
+        if self.entropy != "huffman":
+            del data["quant_step"]
         if self.entropy == "factorized":
-            del data["entropy"], data["quant_step"]
+            del data["entropy"]
         return data
 
     @classmethod
@@ -127,6 +135,8 @@ class _SplitTensorShape:
 class BottleneckUnit(_SplitTensorShape, CompressionModel):
     """One rung of a rate ladder: ``g_a`` -> EntropyBottleneck -> ``g_s``."""
 
+    PAYLOAD_STRINGS = 1  # entropy-coded strings per record
+
     def __init__(self, config: BottleneckConfig):
         super().__init__()
         self.config = config
@@ -149,9 +159,11 @@ class BottleneckUnit(_SplitTensorShape, CompressionModel):
 
     def compress(self, x: torch.Tensor) -> dict:
         """Entropy-code a batch of split tensors: ``{"strings": [[bytes]*N], "shape": (h, w)}``."""
-        y = self.g_a(x)
-        strings = self.entropy_bottleneck.compress(y)
-        return {"strings": [strings], "shape": tuple(y.shape[-2:])}
+        return self.compress_latent(self.g_a(x))
+
+    def compress_latent(self, y: torch.Tensor) -> dict:
+        """Entropy-code the latent ``g_a`` gave: the second half of :meth:`compress`."""
+        return {"strings": [self.entropy_bottleneck.compress(y)], "shape": tuple(y.shape[-2:])}
 
     def decompress_latent(self, strings: list, shape: tuple[int, int]) -> torch.Tensor:
         """Decode the quantized latent from its strings."""
@@ -170,15 +182,121 @@ class BottleneckUnit(_SplitTensorShape, CompressionModel):
         """Build the CDF tables from the learned entropy model (the data is not needed)."""
         self.update(force=True)
 
-    def entropy_model(self) -> nn.Module:
-        """The module holding the entropy model's parameters."""
-        return self.entropy_bottleneck
+    def encoder_modules(self) -> list[nn.Module]:
+        """The modules the encoder runs (for parameter counts)."""
+        return [self.g_a, self.entropy_bottleneck]
+
+    def decoder_modules(self) -> list[nn.Module]:
+        """The modules whose parameters the decoder uses (the entropy model only as CDF tables)."""
+        return [self.g_s]
+
+
+class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
+    """A rung with a scale hyperprior: ``g_a`` -> y; ``h_a(|y - mean|)`` -> z (EntropyBottleneck);
+    ``h_s(z_hat)`` -> the scale of each value of y, which a GaussianConditional codes; ``g_s``.
+
+    The record carries two payload strings, y's then z's, and the latent shape of y (z has half
+    its size, rounded up). The decoder must derive exactly the encoder's scale indexes from z_hat,
+    or y decodes wrongly; so when coding, ``h_s`` runs in float64 (relative rounding about 1e-16,
+    against 1e-7 in float32), and an index could differ between CPUs or kernels only for a scale
+    within that rounding of a scale-table boundary. Training runs ``h_s`` in float32.
+    """
+
+    PAYLOAD_STRINGS = 2
+
+    def __init__(self, config: BottleneckConfig):
+        super().__init__()
+        self.config = config
+        n = config.latent_channels
+        self.g_a = _encoder(config)
+        self.h_a = nn.Sequential(nn.Conv2d(n, n, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(n, n, 3, stride=2, padding=1))
+        self.h_s = nn.Sequential(
+            nn.ConvTranspose2d(n, n, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(n, n, 3, padding=1),
+            nn.Softplus(),
+        )
+        self.entropy_bottleneck = EntropyBottleneck(n)
+        self.gaussian_conditional = GaussianConditional(None)
+        self.latent_means = nn.Parameter(torch.zeros(1, n, 1, 1))  # y is coded as round(y - mean) + mean
+        self.g_s = _decoder(config)
+
+    def side_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of z for a latent y of (h, w)."""
+        return (shape[0] + 1) // 2, (shape[1] + 1) // 2
+
+    def forward(self, x: torch.Tensor) -> dict:
+        """Training pass: noisy y and z, reconstruction, and the bits of both per image."""
+        y = self.g_a(x)
+        z_hat, z_likelihoods = self.entropy_bottleneck(self.h_a(torch.abs(y - self.latent_means)))
+        scales = self.h_s(z_hat)[..., : y.shape[-2], : y.shape[-1]]
+        y_hat, y_likelihoods = self.gaussian_conditional(y, scales, means=self.latent_means)
+        bits = bits_per_image(y_likelihoods) + bits_per_image(z_likelihoods)
+        return {"x_hat": self._synthesize(y_hat), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}, "bits": bits}
+
+    def quantized_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent y as the entropy coder sees it: rounded around the latent means."""
+        return self.gaussian_conditional.quantize(self.g_a(x), "dequantize", self.latent_means)
+
+    def _scale_indexes(self, z_hat: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """The scale-table index of every value of y, from z_hat, computed in float64."""
+        params = {name: value.double() for name, value in self.h_s.named_parameters()}
+        scales = torch.func.functional_call(self.h_s, params, (z_hat.double(),))[..., : shape[0], : shape[1]]
+        table = self.gaussian_conditional.scale_table.double()
+        scales = scales.clamp_min(float(self.gaussian_conditional.lower_bound_scale.bound))
+        # index = the first table entry at or above the scale (the top entry for larger scales)
+        below = (scales.unsqueeze(-1) > table[:-1]).sum(-1)
+        return below.to(torch.int32)
+
+    def compress(self, x: torch.Tensor) -> dict:
+        """Entropy-code a batch: ``{"strings": [y strings, z strings], "shape": (h, w) of y}``."""
+        return self.compress_latent(self.g_a(x))
+
+    def compress_latent(self, y: torch.Tensor) -> dict:
+        """Entropy-code the latent ``g_a`` gave (z, then y): the second half of :meth:`compress`."""
+        z = self.h_a(torch.abs(y - self.latent_means))
+        z_strings = self.entropy_bottleneck.compress(z)
+        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        indexes = self._scale_indexes(z_hat, tuple(y.shape[-2:]))
+        y_strings = self.gaussian_conditional.compress(y, indexes, means=self.latent_means)
+        return {"strings": [y_strings, z_strings], "shape": tuple(y.shape[-2:])}
+
+    def decompress_latent(self, strings: list, shape: tuple[int, int]) -> torch.Tensor:
+        """Decode y from its strings: z first, then y with the scales z gives."""
+        z_hat = self.entropy_bottleneck.decompress(strings[1], self.side_shape(shape))
+        indexes = self._scale_indexes(z_hat, tuple(shape))
+        means = self.latent_means.expand(indexes.shape)
+        return self.gaussian_conditional.decompress(strings[0], indexes, dtype=z_hat.dtype, means=means)
+
+    def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
+        """Rebuild split tensors from ``compress`` output: ``{"x_hat": tensor}``."""
+        return {"x_hat": self._synthesize(self.decompress_latent(strings, shape))}
+
+    def has_coding_tables(self) -> bool:
+        """True once update() has built the CDF tables of z and the scale table's Gaussians."""
+        return (
+            self.entropy_bottleneck._quantized_cdf.numel() > 0
+            and self.gaussian_conditional._quantized_cdf.numel() > 0
+        )
+
+    def build_coding_tables(self, split_tensors: torch.Tensor | None = None) -> None:
+        """Build the CDF tables of z and of CompressAI's default scale table (no data needed)."""
+        self.update(force=True)
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The modules the encoder runs (for parameter counts)."""
+        return [self.g_a, self.h_a, self.entropy_bottleneck, self.h_s]
+
+    def decoder_modules(self) -> list[nn.Module]:
+        """The modules whose parameters the decoder uses (z's entropy model only as CDF tables)."""
+        return [self.h_s, self.g_s]
 
 
 class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
     """The ``huffman-bu`` anchor: depthwise + 1x1 conv, uniform quantizer, static Huffman code."""
 
     ALPHABET = 256  # symbols 0..255: the quantized, non-negative latent is clamped to this range
+    PAYLOAD_STRINGS = 1
 
     def __init__(self, config: BottleneckConfig):
         super().__init__()
@@ -251,9 +369,13 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
             return False
         return True
 
-    def entropy_model(self) -> nn.Module:
-        """No learned entropy model parameters: an empty module."""
-        return nn.Identity()
+    def encoder_modules(self) -> list[nn.Module]:
+        """The modules the encoder runs (for parameter counts)."""
+        return [self.g_a]
+
+    def decoder_modules(self) -> list[nn.Module]:
+        """The modules the decoder runs (for parameter counts)."""
+        return [self.g_s]
 
     def _huffman_code(self) -> huffman.Code:
         if self._code is None:
@@ -267,7 +389,12 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
     @torch.no_grad()
     def compress(self, x: torch.Tensor) -> dict:
         """Huffman-code a batch of split tensors: ``{"strings": [[bytes]*N], "shape": (h, w)}``."""
-        symbols = self._symbols(self.g_a(x)).to(torch.int64).cpu().numpy()
+        return self.compress_latent(self.g_a(x))
+
+    @torch.no_grad()
+    def compress_latent(self, y: torch.Tensor) -> dict:
+        """Huffman-code the latent ``g_a`` gave: the second half of :meth:`compress`."""
+        symbols = self._symbols(y).to(torch.int64).cpu().numpy()
         code = self._huffman_code()
         strings = [code.encode(item.ravel()) for item in symbols]
         return {"strings": [strings], "shape": tuple(symbols.shape[-2:])}
@@ -290,4 +417,5 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
 
 def make_unit(config: BottleneckConfig) -> nn.Module:
     """A fresh BU of the kind ``config.entropy`` names."""
-    return HuffmanBottleneckUnit(config) if config.entropy == "huffman" else BottleneckUnit(config)
+    kinds = {"factorized": BottleneckUnit, "hyperprior": HyperpriorBottleneckUnit, "huffman": HuffmanBottleneckUnit}
+    return kinds[config.entropy](config)

@@ -333,9 +333,11 @@ def train(
     hidden_channels: int = typer.Option(128, "--hidden-channels", min=1, help="BU hidden conv width."),
     stride: int = typer.Option(2, "--stride", min=1, max=2, help="BU latent downsampling: 1 or 2."),
     layers: int = typer.Option(2, "--layers", min=2, help="Conv layers in the BU encoder (and decoder)."),
-    entropy: str = typer.Option(
-        "factorized", "--entropy", help="factorized (featcodec's BU: learned entropy model, rANS) or huffman "
-        "(the huffman-bu anchor: depthwise + 1x1 conv, uniform quantizer, static Huffman code)."
+    entropy: Optional[str] = typer.Option(
+        None, "--entropy", help="factorized (the default: featcodec's BU, learned entropy model, rANS), "
+        "hyperprior (the same BU with a scale hyperprior; two payload strings) or huffman "
+        "(the huffman-bu anchor: depthwise + 1x1 conv, uniform quantizer, static Huffman code). With "
+        "--init-from, the ladder's own (naming another is refused)."
     ),
     quant_step: float = typer.Option(1.0, "--quant-step", help="Quantizer step qp of the huffman BU."),
     init_from: Optional[Path] = typer.Option(
@@ -355,7 +357,7 @@ def train(
     except ValueError:
         raise FeatcodecError(f"--lambdas must be comma-separated numbers, got '{lambdas}'") from None
     from .backbones import get_backbone
-    from .train import TrainConfig, list_images, train_ladder
+    from .train import TrainConfig, initial_ladder, list_images, train_ladder
 
     spec = get_backbone(backbone)
     split = spec.split(split or spec.default_split).name
@@ -369,15 +371,26 @@ def train(
     from .bottleneck import ENTROPY_CODERS, BottleneckConfig
     from .ladder import HUFFMAN_VARIANT
 
-    if entropy not in ENTROPY_CODERS:
+    if entropy is not None and entropy not in ENTROPY_CODERS:
         raise FeatcodecError(f"unknown --entropy '{entropy}' (choose from {', '.join(ENTROPY_CODERS)})")
     if not (quant_step > 0 and quant_step < float("inf")):
         raise FeatcodecError(f"--quant-step must be a positive number, got {quant_step}")
     channels, height, width = spec.split(split).shape
-    bu_config = None if init_from else BottleneckConfig(
-        in_channels=channels, out_size=(height, width), latent_channels=latent_channels,
-        hidden_channels=hidden_channels, stride=stride, layers=layers, entropy=entropy, quant_step=quant_step,
-    )
+    if init_from is None:
+        bu_config = BottleneckConfig(
+            in_channels=channels, out_size=(height, width), latent_channels=latent_channels,
+            hidden_channels=hidden_channels, stride=stride, layers=layers, entropy=entropy or "factorized",
+            quant_step=quant_step,
+        )
+    else:  # the --init-from ladder's BU, with --entropy if given (train checks that this may start from it)
+        from dataclasses import replace
+
+        from .ladder import load_ladder
+
+        bu_config = load_ladder(init_from).config
+        bu_config = replace(bu_config, entropy=entropy) if entropy else bu_config
+        initial_ladder(init_from, spec.name, split, bu_config, len(lambda_values))  # refuse early, in one line
+    entropy = bu_config.entropy
     files = list_images(data)
     default_name = f"{split}-{HUFFMAN_VARIANT}" if entropy == "huffman" else split
     out = out or Path("weights") / backbone / f"{default_name}.safetensors"

@@ -184,8 +184,8 @@ class Codec:
             raise BitstreamError(
                 f"record latent shape {record.latent_shape} does not match the model's {unit.latent_shape()}"
             )
-        if len(record.strings) != 1:
-            raise BitstreamError(f"record has {len(record.strings)} payload strings, expected 1")
+        if len(record.strings) != unit.PAYLOAD_STRINGS:
+            raise BitstreamError(f"record has {len(record.strings)} payload strings, expected {unit.PAYLOAD_STRINGS}")
 
     @torch.no_grad()
     def decode_split_tensor(self, record: Record) -> torch.Tensor:

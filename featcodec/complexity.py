@@ -70,21 +70,20 @@ def cost_report(codec: Codec, rate: int | None = None, repeats: int = 10, seed: 
     image = torch.randn(1, 3, size, size, generator=generator)
     split_tensor = head(image)
     compressed = unit.compress(split_tensor)
-    y_hat = unit.decompress_latent(compressed["strings"], compressed["shape"])
     rebuilt = unit.decompress(compressed["strings"], compressed["shape"])["x_hat"]
 
     parts = [
         ("head", parameter_count(head), count_macs(lambda: head(image)), lambda: head(image)),
         (
             "bu encoder",
-            parameter_count(unit.g_a, unit.entropy_model()),
-            count_macs(lambda: unit.g_a(split_tensor)),
+            parameter_count(*unit.encoder_modules()),
+            count_macs(lambda: unit.compress(split_tensor)),
             lambda: unit.compress(split_tensor),
         ),
         (
             "bu decoder",
-            parameter_count(unit.g_s),
-            count_macs(lambda: unit.g_s(y_hat)),
+            parameter_count(*unit.decoder_modules()),
+            count_macs(lambda: unit.decompress(compressed["strings"], compressed["shape"])),
             lambda: unit.decompress(compressed["strings"], compressed["shape"]),
         ),
         ("tail", parameter_count(tail), count_macs(lambda: tail(rebuilt)), lambda: tail(rebuilt)),

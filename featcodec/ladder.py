@@ -43,7 +43,7 @@ class Ladder:
     backbone: str
     split: str
     config: BottleneckConfig  # the ladder's BU config; a rung may differ in size (rungs[k].config)
-    rungs: list[nn.Module]  # BottleneckUnit or HuffmanBottleneckUnit, as config.entropy says
+    rungs: list[nn.Module]  # BUs of the kind each rung's config.entropy says
     rung_info: list[dict]  # per rung: lambda, and optional measured figures
     extra: dict = field(default_factory=dict)  # other metadata (training details)
     weights_tag: bytes = b""
@@ -170,8 +170,9 @@ def load_ladder(path: str | Path) -> Ladder:
 
 
 def _mismatch(config: BottleneckConfig, other: BottleneckConfig) -> str:
-    """Why ``other`` cannot sit in a ladder of ``config`` ('' if it can): same coder, same split tensor."""
-    if other.entropy != config.entropy:
+    """Why ``other`` cannot sit in a ladder of ``config`` ('' if it can): the same split tensor, and
+    learned entropy models (factorized or hyperprior, which may mix) or Huffman codes throughout."""
+    if (other.entropy == "huffman") != (config.entropy == "huffman"):
         return f"uses the {other.entropy} entropy coder, the ladder {config.entropy}"
     if (other.in_channels, tuple(other.out_size)) != (config.in_channels, tuple(config.out_size)):
         return f"codes split tensors of {other.in_channels}x{other.out_size}, the ladder {config.in_channels}x{config.out_size}"
@@ -181,8 +182,8 @@ def _mismatch(config: BottleneckConfig, other: BottleneckConfig) -> str:
 def join_ladders(lower: Ladder, upper: Ladder) -> Ladder:
     """One ladder: the rungs of ``lower``, then those of ``upper`` (e.g. wider BUs for higher rates).
 
-    Both must cut the same backbone at the same split and use the same entropy coder; their BU
-    sizes may differ. The upper rungs keep their lambda and steps and record their training run.
+    Both must cut the same backbone at the same split; their BU sizes may differ, and so may
+    their learned entropy models (factorized or hyperprior), but not Huffman with learned. The upper rungs keep their lambda and steps and record their training run.
     """
     if (lower.backbone, lower.split) != (upper.backbone, upper.split):
         raise LadderError(

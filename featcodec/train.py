@@ -283,8 +283,9 @@ def _pretrain(bu_config, features, config: TrainConfig, device: str, reporter,
     return {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
 
 
-def _initial_ladder(path, backbone: str, split: str, bu_config: BottleneckConfig, rungs: int) -> Ladder | None:
-    """The ladder that ``--init-from`` names, checked against this run."""
+def initial_ladder(path, backbone: str, split: str, bu_config: BottleneckConfig, rungs: int) -> Ladder | None:
+    """The ladder that ``--init-from`` names (None for none), checked against this run; TrainError if
+    it cannot start it."""
     if path is None:
         return None
     ladder = load_ladder(path)
@@ -421,7 +422,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
     if (bu_config.in_channels, *bu_config.out_size) != (channels, height, width):
         raise TrainError(f"BU config {bu_config} does not fit split tensors of shape {(channels, height, width)}")
 
-    initial = _initial_ladder(init_from, spec.name, point.name, bu_config, len(config.lambdas))
+    initial = initial_ladder(init_from, spec.name, point.name, bu_config, len(config.lambdas))
     finished: list[torch.nn.Module] = []
     first_rung, first_step, resumed = 0, 0, None
     ckpt = checkpoint_path(out)

@@ -9,6 +9,8 @@ from featcodec.train import TrainConfig, TrainError, checkpoint_path, train_ladd
 
 SMALL_BU = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=8, hidden_channels=16)
 HUFFMAN_BU = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=6, stride=1, entropy="huffman")
+HYPERPRIOR_BU = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=8, hidden_channels=16,
+                                 entropy="hyperprior")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,8 @@ def test_tiny_training_run_writes_a_ladder_that_decodes(image_folder, tmp_path):
 @pytest.mark.parametrize(
     "schedule,bu",
     [({}, SMALL_BU), ({"pretrain_steps": 4, "warm_start": True}, SMALL_BU), ({"pretrain_steps": 4}, SMALL_BU),
-     ({"pretrain_steps": 4}, HUFFMAN_BU)],
-    ids=["plain", "warm-start", "pretrain", "huffman"],
+     ({"pretrain_steps": 4}, HUFFMAN_BU), ({"pretrain_steps": 4}, HYPERPRIOR_BU)],
+    ids=["plain", "warm-start", "pretrain", "huffman", "hyperprior"],
 )
 def test_resume_after_interruption_matches_uninterrupted_run(image_folder, tmp_path, schedule, bu):
     cache = tmp_path / "cache"
