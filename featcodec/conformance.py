@@ -6,7 +6,8 @@ the decoded top-5 labels. What is exact where:
 
 - The stream bytes, the latent symbols and the top-5 labels are exact
   everywhere: entropy decoding is integer arithmetic over the CDF tables
-  stored in the weights file.
+  stored in the weights file (a hyperprior rung also picks each symbol's
+  table by a float64 convolution of the side latent; see bottleneck.py).
 - The rebuilt split tensor is float32 output of convolutions; it is bit-exact
   on the platform that made the manifest (same torch build and CPU
   capability, both recorded) and only close elsewhere.

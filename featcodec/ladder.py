@@ -183,7 +183,8 @@ def join_ladders(lower: Ladder, upper: Ladder) -> Ladder:
     """One ladder: the rungs of ``lower``, then those of ``upper`` (e.g. wider BUs for higher rates).
 
     Both must cut the same backbone at the same split; their BU sizes may differ, and so may
-    their learned entropy models (factorized or hyperprior), but not Huffman with learned. The upper rungs keep their lambda and steps and record their training run.
+    their learned entropy models (factorized or hyperprior), but Huffman rungs join only Huffman
+    rungs. The upper rungs keep their lambda and steps and record their training run.
     """
     if (lower.backbone, lower.split) != (upper.backbone, upper.split):
         raise LadderError(
