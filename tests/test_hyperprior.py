@@ -25,12 +25,17 @@ def coded_unit(config: BottleneckConfig, seed: int = 0) -> HyperpriorBottleneckU
     return unit
 
 
-@pytest.mark.parametrize("shape,stride", [((80, 14, 14), 2), ((192, 7, 7), 2), ((40, 28, 28), 1), ((24, 9, 5), 1)])
-def test_decoded_latent_equals_quantized_latent(shape, stride):
+@pytest.mark.parametrize("shape,stride,gain", [((80, 14, 14), 2, 4), ((192, 7, 7), 2, 4), ((40, 28, 28), 1, 4),
+                                               ((24, 9, 5), 1, 4), ((80, 14, 14), 2, 3000)])
+def test_decoded_latent_equals_quantized_latent(shape, stride, gain):
+    """Also for latent values far outside the largest scale's CDF (g_a's output scaled by 3000), which
+    the coder escapes."""
     config = BottleneckConfig(in_channels=shape[0], out_size=shape[1:], latent_channels=8, hidden_channels=16,
                               stride=stride, entropy="hyperprior")
     unit = coded_unit(config)
     x = torch.randn(3, *shape) * 4
+    with torch.no_grad():
+        unit.g_a[-1].weight.mul_(gain / 4)
     with torch.no_grad():
         coded = unit.compress(x)
         assert tuple(coded["shape"]) == unit.latent_shape()
@@ -38,6 +43,8 @@ def test_decoded_latent_equals_quantized_latent(shape, stride):
         assert len(y_strings) == len(z_strings) == 3
         latent = unit.decompress_latent(coded["strings"], coded["shape"])
         assert torch.equal(latent, unit.quantized_latent(x))
+        if gain > 100:
+            assert latent.abs().max() > 20 * unit.SCALE_TABLE.max()
         assert unit.decompress(coded["strings"], coded["shape"])["x_hat"].shape == x.shape
         # one image at a time gives the same strings as the batch
         single = unit.compress(x[1:2])["strings"]
@@ -80,6 +87,7 @@ def test_ladder_stores_both_cdf_tables_and_never_rebuilds_them(tmp_path, monkeyp
     for a, b in zip(ladder.rungs, loaded.rungs):
         assert torch.equal(a.gaussian_conditional._quantized_cdf, b.gaussian_conditional._quantized_cdf)
         assert torch.equal(a.gaussian_conditional.scale_table, b.gaussian_conditional.scale_table)
+        assert torch.allclose(b.gaussian_conditional.scale_table, HyperpriorBottleneckUnit.SCALE_TABLE)
         with torch.no_grad():
             assert a.compress(x)["strings"] == b.compress(x)["strings"]
     untrained = make_unit(HYPERPRIOR)
