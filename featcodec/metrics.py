@@ -101,11 +101,14 @@ def bd_rate(anchor_points: Sequence[Sequence[float]], test_points: Sequence[Sequ
     """Bjøntegaard delta rate of ``test_points`` against ``anchor_points``, in percent.
 
     Each argument is a curve of (bytes per image, top-1) pairs. log(bytes) is
-    fitted as a polynomial in top-1 for each curve (cubic, or of lower degree
-    when a curve has fewer than 4 distinct top-1 values), both fits are
+    interpolated in top-1 through each curve's points with a piecewise cubic
+    Hermite (PCHIP) interpolant, the modern form of Bjøntegaard's measure (one
+    cubic least-squares fit over a whole ladder is pulled by points far
+    outside the shared range and can even reverse the sign), both are
     integrated over the top-1 range the two curves share, and the mean
     difference is turned into the percent change in bytes that the test curve
-    needs at equal top-1: -20.0 means 20% fewer bytes than the anchor.
+    needs at equal top-1: -20.0 means 20% fewer bytes than the anchor. Points
+    of equal top-1 are merged (mean log bytes).
 
     An anchor that is a single operating point (``quant8-zlib``, ``fp16-zlib``)
     has no range to integrate over; then the result is the percent change in
@@ -119,18 +122,21 @@ def bd_rate(anchor_points: Sequence[Sequence[float]], test_points: Sequence[Sequ
     anchor_top1, anchor_log_bytes = _curve(anchor_points, "anchor")
     if len(np.unique(anchor_top1)) == 1 and len(anchor_top1) >= 1:
         return _rate_change_at(float(anchor_top1.mean()), float(anchor_log_bytes.mean()), test_points)
+    from scipy.interpolate import PchipInterpolator
+
     fits = []
     for which, points in (("anchor", anchor_points), ("test", test_points)):
         top1, log_bytes = _curve(points, which)
-        distinct = len(np.unique(top1))
-        if distinct < 2:
+        distinct = np.unique(top1)
+        if len(distinct) < 2:
             return None
-        fits.append((top1, np.polyfit(top1, log_bytes, min(3, distinct - 1))))
+        merged = np.array([log_bytes[top1 == value].mean() for value in distinct])
+        fits.append((distinct, PchipInterpolator(distinct, merged)))
     low = max(top1.min() for top1, _ in fits)
     high = min(top1.max() for top1, _ in fits)
     if not high > low:
         return None
-    anchor_integral, test_integral = (_integral(fit, low, high) for _, fit in fits)
+    anchor_integral, test_integral = (float(fit.integrate(low, high)) for _, fit in fits)
     mean_log_ratio = (test_integral - anchor_integral) / (high - low)
     with np.errstate(over="ignore"):
         result = float((np.exp(mean_log_ratio) - 1) * 100)
@@ -147,7 +153,3 @@ def _rate_change_at(top1: float, log_bytes: float, test_points) -> float | None:
         result = float((np.exp(np.interp(top1, test_top1, test_log_bytes) - log_bytes) - 1) * 100)
     return result if math.isfinite(result) else None
 
-
-def _integral(coefficients: np.ndarray, low: float, high: float) -> float:
-    antiderivative = np.polyint(coefficients)
-    return float(np.polyval(antiderivative, high) - np.polyval(antiderivative, low))

@@ -34,6 +34,19 @@ def test_bd_rate_known_answers():
     assert bd_rate(anchor, test) == pytest.approx(100 * (math.exp(-0.1) - 1), abs=1e-6)
 
 
+def test_bd_rate_follows_the_curves_where_they_overlap():
+    """A ladder that needs fewer bytes at every top-1 has a negative BD-rate, however far its rungs
+    reach outside the shared range (a single cubic fit over these two stage3 ladders said +32 %)."""
+    old = [(127.1, 0.0177), (183.8, 0.4338), (314.3, 0.6908), (554.5, 0.7438), (713.3, 0.7515), (745.5, 0.7600),
+           (1244.2, 0.7885), (2138.7, 0.7977)]
+    new = [(103.5, 0.2392), (206.4, 0.5946), (420.1, 0.7292), (635.2, 0.7585), (745.5, 0.7600), (1244.2, 0.7885),
+           (2138.7, 0.7977)]
+    assert bd_rate(old, new) < -5
+    assert bd_rate(new, old) > 5
+    # a repeated top-1 value is merged rather than refused
+    assert bd_rate(ANCHOR + [(1000.0, 0.50)], ANCHOR) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_bd_rate_undefined_and_bad_input():
     assert bd_rate(ANCHOR, [(500.0, 0.6)]) is None  # one point
     assert bd_rate(ANCHOR, [(500.0, 0.6), (900.0, 0.6)]) is None  # one distinct top-1
