@@ -200,6 +200,15 @@ def join_ladders(lower: Ladder, upper: Ladder) -> Ladder:
                   lower.rung_info + upper_info, dict(lower.extra))
 
 
+def select_rungs(ladder: Ladder, indexes: list[int]) -> Ladder:
+    """A ladder of the rungs ``indexes`` of ``ladder``, in that order (LadderError for a bad index)."""
+    units = [ladder.rung(index) for index in indexes]
+    if not units:
+        raise LadderError("no rungs selected")
+    return Ladder(ladder.backbone, ladder.split, ladder.config, units,
+                  [dict(ladder.rung_info[index]) for index in indexes], dict(ladder.extra))
+
+
 def weights_dirs() -> list[Path]:
     """Where ladders are looked up: $FEATCODEC_WEIGHTS, the installed package, the source tree."""
     dirs = []

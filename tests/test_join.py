@@ -111,3 +111,21 @@ def test_join_script(parts, tmp_path):
                             capture_output=True, text=True)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "not found" in failed.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_join_script_takes_chosen_rungs_of_several_ladders(parts, tmp_path):
+    lower, upper = parts
+    out = tmp_path / "out.safetensors"
+    script = [sys.executable, str(ROOT / "scripts" / "join_ladders.py")]
+    done = subprocess.run(script + [f"{lower}:1", str(upper), f"{lower}:0-1", "-o", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    joined, first = load_ladder(out), load_ladder(lower)
+    assert [info["lambda"] for info in joined.rung_info] == [2.0, 8.0, 1.0, 2.0]
+    assert [unit.config for unit in joined.rungs] == [STRIDE2, STRIDE1, STRIDE2, STRIDE2]
+    for (key, a), b in zip(joined.rungs[0].state_dict().items(), first.rungs[1].state_dict().values()):
+        assert a.equal(b), key
+    for bad, message in [(f"{lower}:2", "out of range"), (f"{lower}:1-0", "bad rung range")]:
+        failed = subprocess.run(script + [bad, str(upper), "-o", str(tmp_path / "z")], capture_output=True, text=True)
+        assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and message in failed.stderr, failed.stderr
+        assert not (tmp_path / "z").exists()
