@@ -123,7 +123,7 @@ def bench_split(codec: Codec, x: torch.Tensor, rate: int, repeats: int, warmup: 
     return {
         "split_tensor": list(split_tensor.shape[1:]),
         "latent": list(y.shape[1:]),
-        "payload_bytes": sum(len(s) for s in strings),
+        "payload_bytes": sum(len(s) for strings in coded["strings"] for s in strings),
         "stages": stages,
         "bu_overhead_ratio": overhead / head if head > 0 else None,
     }
