@@ -292,7 +292,8 @@ def initial_ladder(path, backbone: str, split: str, bu_config: BottleneckConfig,
     if (ladder.backbone, ladder.split) != (backbone, split):
         raise TrainError(f"--init-from {path} is a {ladder.backbone}/{ladder.split} ladder, not {backbone}/{split}")
     if ladder.is_mixed():
-        raise TrainError(f"--init-from {path}: its rungs have BUs of different sizes; start from a ladder with one")
+        raise TrainError(f"--init-from {path}: its rungs have different BU configs; start from a ladder with one "
+                         f"(scripts/join_ladders.py PATH:RUNGS -o OUT picks rungs)")
     if ladder.config != bu_config:
         raise TrainError(f"--init-from {path} has BU config {ladder.config.to_dict()}, this run {bu_config.to_dict()}")
     if len(ladder.rungs) != rungs:

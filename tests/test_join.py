@@ -94,7 +94,7 @@ def test_init_from_a_mixed_ladder_is_refused(parts, tmp_path):
     joined_path = tmp_path / "joined.safetensors"
     save_ladder(join_ladders(load_ladder(lower), load_ladder(upper)), joined_path)
     config = TrainConfig("efficientnet_lite0", "stage5", [1.0, 2.0, 3.0], steps=1, batch_size=2, views=1)
-    with pytest.raises(TrainError, match="different sizes"):
+    with pytest.raises(TrainError, match="different BU configs"):
         train_ladder(config, make_image_folder(tmp_path / "img", 2), tmp_path / "x.safetensors", STRIDE2,
                      cache_dir=tmp_path / "cache", init_from=joined_path)
 
