@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import GDN
+from compressai.ops import quantize_ste
 from compressai.models import CompressionModel
 from torch import nn
 
@@ -88,6 +89,11 @@ def bits_per_image(likelihoods: torch.Tensor) -> torch.Tensor:
     return -torch.log2(likelihoods).sum() / likelihoods.shape[0]
 
 
+def _round_straight_through(y: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``round(y - centres) + centres`` with the gradient of the identity."""
+    return quantize_ste(y - centres) + centres
+
+
 def _encoder(config: BottleneckConfig) -> nn.Sequential:
     widths = [config.in_channels] + [config.hidden_channels] * (config.layers - 1) + [config.latent_channels]
     modules: list[nn.Module] = []
@@ -144,10 +150,17 @@ class BottleneckUnit(_SplitTensorShape, CompressionModel):
         self.entropy_bottleneck = EntropyBottleneck(config.latent_channels)
         self.g_s = _decoder(config)
 
-    def forward(self, x: torch.Tensor) -> dict:
-        """Training pass: noisy latent, reconstruction, likelihoods and estimated bits per image."""
+    def forward(self, x: torch.Tensor, rounded_decoder_input: bool = False) -> dict:
+        """Training pass: noisy latent, reconstruction, likelihoods and estimated bits per image.
+
+        The rate always comes from the noisy latent; with ``rounded_decoder_input`` the decoder
+        sees the latent rounded around the medians as the coder sends it (straight-through
+        gradient), not the noisy one.
+        """
         y = self.g_a(x)
         y_hat, y_likelihoods = self.entropy_bottleneck(y)
+        if rounded_decoder_input:
+            y_hat = _round_straight_through(y, self.entropy_bottleneck._get_medians().detach())
         bits = bits_per_image(y_likelihoods)
         return {"x_hat": self._synthesize(y_hat), "likelihoods": {"y": y_likelihoods}, "bits": bits}
 
@@ -225,12 +238,15 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
         """(h, w) of z for a latent y of (h, w)."""
         return (shape[0] + 1) // 2, (shape[1] + 1) // 2
 
-    def forward(self, x: torch.Tensor) -> dict:
-        """Training pass: noisy y and z, reconstruction, and the bits of both per image."""
+    def forward(self, x: torch.Tensor, rounded_decoder_input: bool = False) -> dict:
+        """Training pass: noisy y and z, reconstruction, and the bits of both per image
+        (``rounded_decoder_input`` as in :meth:`BottleneckUnit.forward`)."""
         y = self.g_a(x)
         z_hat, z_likelihoods = self.entropy_bottleneck(self.h_a(torch.abs(y - self.latent_means)))
         scales = self.h_s(z_hat)[..., : y.shape[-2], : y.shape[-1]]
         y_hat, y_likelihoods = self.gaussian_conditional(y, scales, means=self.latent_means)
+        if rounded_decoder_input:
+            y_hat = _round_straight_through(y, self.latent_means)
         bits = bits_per_image(y_likelihoods) + bits_per_image(z_likelihoods)
         return {"x_hat": self._synthesize(y_hat), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}, "bits": bits}
 

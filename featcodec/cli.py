@@ -329,6 +329,10 @@ def train(
         0, "--pretrain-steps", min=0, help="mse-only steps that initialise the rungs (helps kd converge)."
     ),
     pretrain_lambda: float = typer.Option(1000.0, "--pretrain-lambda", min=0.0),
+    rounded_decoder_input: bool = typer.Option(
+        False, "--rounded-decoder-input", help="The BU decoder trains on the latent rounded as the coder sends "
+        "it (straight-through gradient), not on the noisy one; the rate still comes from the noisy latent."
+    ),
     latent_channels: int = typer.Option(32, "--latent-channels", min=1, help="BU latent channels."),
     hidden_channels: int = typer.Option(128, "--hidden-channels", min=1, help="BU hidden conv width."),
     stride: int = typer.Option(2, "--stride", min=1, max=2, help="BU latent downsampling: 1 or 2."),
@@ -366,6 +370,7 @@ def train(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
         pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda, kd_weight=kd_weight, mixup=mixup,
+        rounded_decoder_input=rounded_decoder_input,
     )
     config.validate()
     from .bottleneck import ENTROPY_CODERS, BottleneckConfig

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .backbones import SplitModel, get_backbone, load_split_model
-from .bottleneck import BottleneckConfig, bits_per_image, make_unit  # noqa: F401 (bits_per_image: public)
+from .bottleneck import BottleneckConfig, HuffmanBottleneckUnit, bits_per_image, make_unit  # noqa: F401 (bits_per_image: public)
 from .errors import FeatcodecError
 from .images import ImageError, load_image
 from .fileio import atomic_write_bytes
@@ -60,6 +60,7 @@ class TrainConfig:
     warm_start: bool = False  # start rung k from rung k-1's weights instead of from scratch
     pretrain_steps: int = 0  # mse-only steps that initialise the rungs (cheap; helps kd converge)
     pretrain_lambda: float = 1000.0
+    rounded_decoder_input: bool = False  # g_s trains on the rounded latent (straight-through), as it decodes
 
     def validate(self) -> None:
         """Raise TrainError on values that cannot train."""
@@ -246,7 +247,8 @@ def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, for
     """
     for group in opt.param_groups:
         group["lr"] = lr
-    output = (forward or unit)(x)
+    rounded = config.rounded_decoder_input and not isinstance(unit, HuffmanBottleneckUnit)  # that one always rounds
+    output = (forward or unit)(x, rounded_decoder_input=True) if rounded else (forward or unit)(x)
     bits = output["bits"]
     terms = distortion(kind, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight)
     loss = bits + lam * terms["total"]
@@ -496,6 +498,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 "lambda": lam,
                 "steps": config.steps + (initial.rung_info[k].get("steps", 0) if initial else 0),
                 "distortion": config.distortion,
+                **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
             }
             for k, lam in enumerate(config.lambdas)
         ],

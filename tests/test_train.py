@@ -196,3 +196,15 @@ def test_cache_key_follows_image_content_not_location(image_folder, tmp_path):
     edited.write_bytes(edited.read_bytes() + b"\0")
     assert cache_key(tiny_config(), list_images(copy), True) != key
     assert cache_key(tiny_config(views=2), list_images(image_folder), True) != key
+
+
+def test_rounded_decoder_input_run_is_recorded_per_rung(image_folder, tmp_path):
+    out = tmp_path / "r.safetensors"
+    ladder = train_ladder(tiny_config(rounded_decoder_input=True, steps=4), image_folder, out, SMALL_BU,
+                          cache_dir=tmp_path / "cache")
+    assert [info.get("decoder_input") for info in load_ladder(out).rung_info] == ["rounded", "rounded"]
+    plain = train_ladder(tiny_config(steps=4), image_folder, tmp_path / "p.safetensors", SMALL_BU,
+                         cache_dir=tmp_path / "cache")
+    assert "decoder_input" not in plain.rung_info[0]
+    # same seed and batches, so only the decoder's input differs between the two runs
+    assert not torch.equal(ladder.rungs[0].g_s[0].weight, plain.rungs[0].g_s[0].weight)
