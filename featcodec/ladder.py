@@ -201,11 +201,15 @@ def join_ladders(lower: Ladder, upper: Ladder) -> Ladder:
 
 
 def select_rungs(ladder: Ladder, indexes: list[int]) -> Ladder:
-    """A ladder of the rungs ``indexes`` of ``ladder``, in that order (LadderError for a bad index)."""
+    """A ladder of the rungs ``indexes`` of ``ladder``, in that order (LadderError for a bad index).
+
+    Its BU config is that of the first selected rung, so rungs that share one config make a
+    plain (not mixed) ladder, which ``--init-from`` accepts.
+    """
     units = [ladder.rung(index) for index in indexes]
     if not units:
         raise LadderError("no rungs selected")
-    return Ladder(ladder.backbone, ladder.split, ladder.config, units,
+    return Ladder(ladder.backbone, ladder.split, units[0].config, units,
                   [dict(ladder.rung_info[index]) for index in indexes], dict(ladder.extra))
 
 

@@ -11,7 +11,7 @@ from conftest import COFFEE, ROOT
 from featcodec.bottleneck import BottleneckConfig
 from featcodec.codec import Codec
 from featcodec.ladder import (LADDER_FORMAT, MIXED_LADDER_FORMAT, LadderError, join_ladders, load_ladder,
-                              read_ladder_metadata, save_ladder, untrained_ladder)
+                              read_ladder_metadata, save_ladder, select_rungs, untrained_ladder)
 from featcodec.train import TrainConfig, TrainError, train_ladder
 
 STRIDE2 = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=8, hidden_channels=16)
@@ -129,3 +129,13 @@ def test_join_script_takes_chosen_rungs_of_several_ladders(parts, tmp_path):
         failed = subprocess.run(script + [bad, str(upper), "-o", str(tmp_path / "z")], capture_output=True, text=True)
         assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and message in failed.stderr, failed.stderr
         assert not (tmp_path / "z").exists()
+
+
+def test_rungs_picked_from_a_mixed_ladder_that_share_a_config_make_a_plain_ladder(parts, tmp_path):
+    lower, upper = parts
+    joined = join_ladders(load_ladder(lower), load_ladder(upper))
+    top = select_rungs(joined, [2])  # the stride-1 rung of a stride-2 ladder
+    assert top.config == STRIDE1 and not top.is_mixed()
+    save_ladder(top, tmp_path / "top.safetensors")
+    assert read_ladder_metadata(tmp_path / "top.safetensors")["format"] == LADDER_FORMAT
+    assert select_rungs(joined, [1, 2]).is_mixed()
