@@ -204,13 +204,25 @@ def select_rungs(ladder: Ladder, indexes: list[int]) -> Ladder:
     """A ladder of the rungs ``indexes`` of ``ladder``, in that order (LadderError for a bad index).
 
     Its BU config is that of the first selected rung, so rungs that share one config make a
-    plain (not mixed) ladder, which ``--init-from`` accepts.
+    plain (not mixed) ladder, which ``--init-from`` accepts. Its ``training`` record is the
+    first selected rung's own (a rung joined from another run carries that run's), and every
+    other rung keeps the record of the run that trained it.
     """
     units = [ladder.rung(index) for index in indexes]
     if not units:
         raise LadderError("no rungs selected")
-    return Ladder(ladder.backbone, ladder.split, units[0].config, units,
-                  [dict(ladder.rung_info[index]) for index in indexes], dict(ladder.extra))
+    base_training = ladder.extra.get("training")
+    infos = []
+    for index in indexes:
+        info = dict(ladder.rung_info[index])
+        if "training" not in info and base_training is not None:
+            info["training"] = base_training
+        infos.append(info)
+    extra = dict(ladder.extra)
+    if "training" in infos[0]:
+        extra["training"] = infos[0]["training"]
+        infos = [{k: v for k, v in info.items() if not (k == "training" and v == extra["training"])} for info in infos]
+    return Ladder(ladder.backbone, ladder.split, units[0].config, units, infos, extra)
 
 
 def weights_dirs() -> list[Path]:

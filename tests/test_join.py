@@ -139,3 +139,16 @@ def test_rungs_picked_from_a_mixed_ladder_that_share_a_config_make_a_plain_ladde
     save_ladder(top, tmp_path / "top.safetensors")
     assert read_ladder_metadata(tmp_path / "top.safetensors")["format"] == LADDER_FORMAT
     assert select_rungs(joined, [1, 2]).is_mixed()
+
+
+def test_picked_rungs_keep_the_training_record_of_their_own_run(parts):
+    lower, upper = parts
+    base = load_ladder(lower)
+    base.extra = {"training": {"seconds": 99.0}}
+    joined = join_ladders(base, load_ladder(upper))  # rung 2 came from the upper run (12.5 s)
+    top = select_rungs(joined, [2])
+    assert top.extra["training"] == {"seconds": 12.5} and "training" not in top.rung_info[0]
+    mixed = select_rungs(joined, [2, 0])
+    assert mixed.extra["training"] == {"seconds": 12.5} and mixed.rung_info[1]["training"] == {"seconds": 99.0}
+    assert select_rungs(joined, [0, 1]).extra["training"] == {"seconds": 99.0}
+    assert all("training" not in info for info in select_rungs(joined, [0, 1]).rung_info)
