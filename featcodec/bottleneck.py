@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import GDN
-from compressai.ops import quantize_ste
 from compressai.models import CompressionModel
+from compressai.ops import quantize_ste
 from torch import nn
 
 from . import huffman
