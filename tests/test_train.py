@@ -149,6 +149,9 @@ def test_train_cli_writes_a_ladder_and_reports_bad_settings(image_folder, tmp_pa
     assert main(args) == 0, capsys.readouterr().err
     assert len(load_ladder(out).rungs) == 2
     assert "wrote 2-rung ladder" in capsys.readouterr().err
+    assert main(args + ["--rounded-decoder-input"]) == 0, capsys.readouterr().err
+    assert [info.get("decoder_input") for info in load_ladder(out).rung_info] == ["rounded", "rounded"]
+    capsys.readouterr()
     for bad, message in [
         (["--lambdas", "1,-2"], "positive"),
         (["--lambdas", "1,x"], "comma-separated numbers"),
