@@ -343,8 +343,11 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
     def _symbols(self, y: torch.Tensor) -> torch.Tensor:
         return torch.round(y / self.config.quant_step).clamp(0, self.ALPHABET - 1)
 
-    def forward(self, x: torch.Tensor) -> dict:
+    def forward(self, x: torch.Tensor, rounded_decoder_input: bool = True) -> dict:
         """Training pass: straight-through quantized latent, reconstruction, and a rate proxy.
+
+        The decoder always sees the rounded latent here; ``rounded_decoder_input`` is accepted
+        only so that every kind of BU trains through one call.
 
         The rate term (``bits``) is the latent's L1 norm in quantizer steps per image: a
         differentiable stand-in for the Huffman code length. Measured sizes always

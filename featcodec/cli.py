@@ -381,6 +381,7 @@ def train(
     if not (quant_step > 0 and quant_step < float("inf")):
         raise FeatcodecError(f"--quant-step must be a positive number, got {quant_step}")
     channels, height, width = spec.split(split).shape
+    init_ladder = None
     if init_from is None:
         bu_config = BottleneckConfig(
             in_channels=channels, out_size=(height, width), latent_channels=latent_channels,
@@ -392,9 +393,9 @@ def train(
 
         from .ladder import load_ladder
 
-        bu_config = load_ladder(init_from).config
-        bu_config = replace(bu_config, entropy=entropy) if entropy else bu_config
-        initial_ladder(init_from, spec.name, split, bu_config, len(lambda_values))  # refuse early, in one line
+        init_ladder = load_ladder(init_from)  # read once: train_ladder starts from this copy
+        bu_config = replace(init_ladder.config, entropy=entropy) if entropy else init_ladder.config
+        initial_ladder(init_ladder, spec.name, split, bu_config, len(lambda_values))  # refuse early, in one line
     entropy = bu_config.entropy
     files = list_images(data)
     default_name = f"{split}-{HUFFMAN_VARIANT}" if entropy == "huffman" else split
@@ -434,7 +435,7 @@ def train(
 
         ladder = train_ladder(
             config, data, out, bu_config, files=files, resume=resume, cache_dir=cache_dir, device=device,
-            reporter=report, init_from=init_from, **model_source,
+            reporter=report, init_from=init_ladder, **model_source,
         )
     if is_main:
         _say(f"wrote {len(ladder.rungs)}-rung ladder -> {out}")

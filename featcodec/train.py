@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .backbones import SplitModel, get_backbone, load_split_model
-from .bottleneck import BottleneckConfig, HuffmanBottleneckUnit, bits_per_image, make_unit  # noqa: F401 (bits_per_image: public)
+from .bottleneck import BottleneckConfig, bits_per_image, make_unit  # noqa: F401 (bits_per_image: public)
 from .errors import FeatcodecError
 from .images import ImageError, load_image
 from .fileio import atomic_write_bytes
@@ -247,8 +247,7 @@ def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, for
     """
     for group in opt.param_groups:
         group["lr"] = lr
-    rounded = config.rounded_decoder_input and not isinstance(unit, HuffmanBottleneckUnit)  # that one always rounds
-    output = (forward or unit)(x, rounded_decoder_input=True) if rounded else (forward or unit)(x)
+    output = (forward or unit)(x, rounded_decoder_input=config.rounded_decoder_input)
     bits = output["bits"]
     terms = distortion(kind, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight)
     loss = bits + lam * terms["total"]
@@ -285,12 +284,13 @@ def _pretrain(bu_config, features, config: TrainConfig, device: str, reporter,
     return {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
 
 
-def initial_ladder(path, backbone: str, split: str, bu_config: BottleneckConfig, rungs: int) -> Ladder | None:
-    """The ladder that ``--init-from`` names (None for none), checked against this run; TrainError if
-    it cannot start it."""
-    if path is None:
+def initial_ladder(source, backbone: str, split: str, bu_config: BottleneckConfig, rungs: int) -> Ladder | None:
+    """The ladder that ``--init-from`` names (a path, or the ladder already loaded; None for none),
+    checked against this run; TrainError if it cannot start it."""
+    if source is None:
         return None
-    ladder = load_ladder(path)
+    ladder = source if isinstance(source, Ladder) else load_ladder(source)
+    path = ladder.path or source
     if (ladder.backbone, ladder.split) != (backbone, split):
         raise TrainError(f"--init-from {path} is a {ladder.backbone}/{ladder.split} ladder, not {backbone}/{split}")
     if ladder.is_mixed():
@@ -372,12 +372,12 @@ def train_ladder(
     random_init: bool = False,
     reporter: Callable[[dict], None] | None = None,
     files: list[Path] | None = None,
-    init_from: str | Path | None = None,
+    init_from: str | Path | Ladder | None = None,
 ) -> Ladder:
     """Train one BU per lambda on the images under ``data`` and write the ladder to ``out``.
 
     ``files`` may pass :func:`list_images` of ``data`` when the caller already listed it.
-    ``init_from`` names a ladder whose rung k starts rung k here (to train a ladder further,
+    ``init_from`` names (or is) a ladder whose rung k starts rung k here (to train a ladder further,
     or fine-tune it on other data); it must have the same backbone, split, BU config and rung count.
 
     Under torchrun (WORLD_SIZE > 1) the BUs train with DistributedDataParallel, see
@@ -419,8 +419,10 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
     features = cache["features"]
     logits = cache.get("logits")
     channels, height, width = features.shape[1:]
+    if init_from is not None and not isinstance(init_from, Ladder):
+        init_from = load_ladder(init_from)  # read once
     if bu_config is None and init_from is not None:
-        bu_config = load_ladder(init_from).config
+        bu_config = init_from.config
     bu_config = bu_config or BottleneckConfig(in_channels=channels, out_size=(height, width))
     if (bu_config.in_channels, *bu_config.out_size) != (channels, height, width):
         raise TrainError(f"BU config {bu_config} does not fit split tensors of shape {(channels, height, width)}")
@@ -508,7 +510,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 + (f", mixup {config.mixup:g}" if config.mixup else ""),
                 "batch_size": config.batch_size,
                 "seconds": round(elapsed + (initial.extra.get("training", {}).get("seconds", 0) if initial else 0), 1),
-                **({"init_from": Path(init_from).name} if initial else {}),
+                **({"init_from": initial.path.name} if initial and initial.path else {}),
                 "device": device,
                 **({"processes": context.world_size} if context.distributed else {}),
                 "git_commit": _git_commit(),
