@@ -275,7 +275,7 @@ def _pretrain(bu_config, features, config: TrainConfig, device: str, reporter,
     for step in range(config.pretrain_steps):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 - 1 - step)
         index = context.shard(torch.randint(len(features), (config.batch_size,), generator=generator))
-        x = features[index].float().to(device)
+        x = features[index.to(device)].float()
         lr = config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / config.pretrain_steps)))
         stats = _train_step(unit, opt, aux_opt, x, None, config.pretrain_lambda, lr, "mse", None, config,
                             forward, context)
@@ -419,6 +419,9 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
     features = cache["features"]
     logits = cache.get("logits")
     channels, height, width = features.shape[1:]
+    # Batches are drawn from a copy on the training device, so a GPU step copies no features across.
+    device_features = features.to(device)
+    device_logits = logits.to(device) if logits is not None else None
     if init_from is not None and not isinstance(init_from, Ladder):
         init_from = load_ladder(init_from)  # read once
     if bu_config is None and init_from is not None:
@@ -450,7 +453,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
     for rung in range(first_rung, len(config.lambdas)):
         lam = config.lambdas[rung]
         if initial is None and config.pretrain_steps and init_state is None and not (config.warm_start and finished):
-            init_state = _pretrain(bu_config, features, config, device, reporter, context)
+            init_state = _pretrain(bu_config, device_features, config, device, reporter, context)
         torch.manual_seed(config.seed + 1000 * rung)
         unit = make_unit(bu_config)
         if initial is not None:
@@ -473,8 +476,9 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
         while step < config.steps:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rung * 100_003 + step)
             index = context.shard(torch.randint(len(features), (config.batch_size,), generator=generator))
-            x = features[index].float().to(device)
-            teacher = logits[index].float().to(device) if logits is not None else None
+            index = index.to(device)
+            x = device_features[index].float()
+            teacher = device_logits[index].float() if device_logits is not None else None
             kind = config.distortion
             stats = _train_step(unit, opt, aux_opt, x, teacher, lam, _learning_rate(config, step), kind, tail, config,
                                 forward, context)
