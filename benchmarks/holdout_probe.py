@@ -54,9 +54,10 @@ def holdout_set(model, backbone: str, files: list[Path]) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def measure(unit, model, features: torch.Tensor, teacher_top1: torch.Tensor) -> tuple[float, float]:
-    """(payload bytes per image, top-1 agreement %) of ``unit`` on the held-out split tensors."""
+    """(payload bytes per image, top-1 agreement %) of ``unit`` on the held-out split tensors.
+
+    Codes with the unit's CDF tables as they are: after training, call build_coding_tables() first."""
     unit.eval()
-    unit.build_coding_tables()
     total_bytes, agree = 0, 0
     for start in range(0, len(features), 50):
         batch = features[start : start + 50]
@@ -111,6 +112,7 @@ def main() -> int:
         phases = [("pretrain", args.pretrain_steps, "mse", args.pretrain_lambda), ("train", args.steps, "mse+kd", args.lam)]
     print(f"{len(fit)} images to fit ({len(features)} views), {len(held)} held out; BU {unit.config.to_dict()}")
     if args.init_rung is not None:
+        unit.build_coding_tables()
         print("start: bytes %.1f, agreement %.2f %%" % measure(unit, model, hold_features, hold_top1), flush=True)
     started = time.time()
     for phase, steps, kind, lam in phases:
@@ -123,6 +125,7 @@ def main() -> int:
             stats = training._train_step(unit, opt, aux_opt, features[index].float(), logits[index].float(), lam,
                                          training._learning_rate(phase_config, step), kind, model.tail, phase_config)
             if phase == "train" and ((step + 1) % REPORT_EVERY == 0 or step + 1 == steps):
+                unit.build_coding_tables()
                 held_bytes, agreement = measure(unit, model, hold_features, hold_top1)
                 print(f"step {step + 1}: train bits {stats['bits']:.0f}, kd {stats.get('kd', 0):.2f}; held out: "
                       f"{held_bytes:.1f} B payload, agreement {agreement:.2f} % ({time.time() - started:.0f} s)",

@@ -23,36 +23,20 @@ from _bootstrap import ROOT  # quiets compressai's import warning, finds featcod
 
 import torch
 
+from holdout_probe import holdout_set, measure
+
 from featcodec.codec import Codec
 from featcodec.errors import FeatcodecError
-from featcodec.train import IMAGE_SUFFIXES
+from featcodec.train import list_images
 
 DATA = ROOT.parent / "shared" / "data"
 
 
 def sample_images(folder: Path, count: int, seed: int) -> list[Path]:
     """``count`` image files under ``folder`` (recursive), shuffled with ``seed`` from sorted order."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = list_images(folder)
     random.Random(seed).shuffle(files)
     return files[:count]
-
-
-@torch.no_grad()
-def agreement(codec: Codec, files: list[Path], rates: list[int]) -> dict[int, tuple[float, float]]:
-    """Per rate: (top-1 agreement % with the uncompressed model, mean payload bytes)."""
-    split_tensors = torch.cat([codec.model.head(codec.preprocess(path)[0].unsqueeze(0)) for path in files])
-    reference = codec.model.tail(split_tensors).argmax(-1)
-    results = {}
-    for rate in rates:
-        unit = codec.ladder.rung(rate)
-        agree, payload = 0, 0
-        for index in range(len(files)):
-            coded = unit.compress(split_tensors[index : index + 1])
-            payload += sum(len(strings[0]) for strings in coded["strings"])
-            rebuilt = unit.decompress(coded["strings"], coded["shape"])["x_hat"]
-            agree += int(codec.model.tail(rebuilt).argmax(-1).item() == reference[index].item())
-        results[rate] = (100.0 * agree / len(files), payload / len(files))
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,13 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rates = [int(rate) for rate in args.rates.split(",")]
         codec = Codec.load(args.backbone, args.split, weights=args.weights)
-        for rate in rates:
-            codec.ladder.rung(rate)  # a bad index fails here, before any work
+        units = {rate: codec.ladder.rung(rate) for rate in rates}  # a bad index fails here, before any work
         for name, folder in (("train", args.train), ("val", args.val)):
             files = sample_images(folder, args.images, args.seed)
-            if not files:
-                raise FeatcodecError(f"no images under {folder}")
-            for rate, (agree, payload) in agreement(codec, files, rates).items():
+            split_tensors, reference = holdout_set(codec.model, args.backbone, files)
+            for rate, unit in units.items():
+                payload, agree = measure(unit, codec.model, split_tensors, reference)
                 print(f"{args.split} {name:5s} rate {rate}: agreement {agree:6.2f} %  payload {payload:7.1f} B"
                       f"  ({len(files)} images)", flush=True)
     except (FeatcodecError, ValueError) as exc:
