@@ -274,7 +274,9 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
                     path = None
                 if path is not None:
                     entry["weights"] = str(path)
-                    entry["rungs"] = read_ladder_metadata(path)["rungs"]
+                    meta = read_ladder_metadata(path)
+                    entry["rungs"] = meta["rungs"]
+                    entry["weights_dtype"] = meta.get("weights_dtype", "float32")
                 if path is not None or variant is None:  # list the huffman-bu anchor only where shipped
                     entries.append(entry)
     if as_json:

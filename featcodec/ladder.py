@@ -7,6 +7,10 @@ sized differently from the ladder's (a joined ladder, see :func:`join_ladders`)
 carries its own ``bu`` entry; such files are format 2, so older readers refuse
 them cleanly. The first 8 bytes of the file's SHA-256 is the *weights tag* that
 every bitstream record carries.
+
+A ladder may store the weights of its BUs' convolutions in float16 (metadata
+``weights_dtype``, see :func:`store_weights_as`), which halves the file; they load
+into float32 modules, and the entropy models and CDF tables are kept exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ METADATA_KEY = "featcodec"
 LADDER_FORMAT = 1
 MIXED_LADDER_FORMAT = 2  # some rung has a BU config of its own
 WEIGHTS_ENV = "FEATCODEC_WEIGHTS"
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # how conv weights are stored
+_TRANSFORMS = ("g_a", "g_s", "h_a", "h_s")  # the BU's conv stacks; entropy models stay float32
 
 
 class LadderError(FeatcodecError):
@@ -78,16 +84,64 @@ class Ladder:
         }
 
 
+def conv_weight_keys(unit: nn.Module) -> set[str]:
+    """State-dict keys of the weights and biases of the convolutions in ``unit``'s conv stacks."""
+    keys = set()
+    for name, module in unit.named_modules():
+        if name.split(".")[0] in _TRANSFORMS and isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            keys.update(f"{name}.{param}" for param, _ in module.named_parameters(recurse=False))
+    return keys
+
+
+def store_weights_as(ladder: Ladder, dtype: str) -> None:
+    """Make ``save_ladder`` store the conv weights of every rung as ``dtype`` ('float32' or 'float16').
+
+    With float16 the weights in memory are rounded to float16 values now (and again at each
+    save), so the ladder codes and measures the same before and after a save and load: measure
+    (``eval --record``) after converting, not before.
+    """
+    if dtype not in WEIGHTS_DTYPES:
+        raise LadderError(f"unknown weights dtype {dtype!r}: use one of {', '.join(WEIGHTS_DTYPES)}")
+    ladder.extra["weights_dtype"] = dtype
+    _round_conv_weights(ladder)
+
+
+def _storage_dtype(ladder: Ladder) -> torch.dtype:
+    name = ladder.extra.get("weights_dtype", "float32")
+    if name not in WEIGHTS_DTYPES:
+        raise LadderError(f"unknown weights dtype {name!r}: use one of {', '.join(WEIGHTS_DTYPES)}")
+    return WEIGHTS_DTYPES[name]
+
+
+def _round_conv_weights(ladder: Ladder) -> None:
+    storage = _storage_dtype(ladder)
+    if storage == torch.float32:
+        return
+    with torch.no_grad():
+        for unit in ladder.rungs:
+            state = unit.state_dict(keep_vars=True)
+            for key in conv_weight_keys(unit):
+                state[key].copy_(state[key].to(storage))
+
+
 def save_ladder(ladder: Ladder, path: Path) -> bytes:
-    """Write the ladder atomically; returns its new weights tag. Rungs must have CDF tables."""
+    """Write the ladder atomically; returns its new weights tag. Rungs must have CDF tables.
+
+    Conv weights are stored as the ladder's ``weights_dtype`` says (see :func:`store_weights_as`).
+    """
     from safetensors.torch import save
 
-    tensors = {}
     for index, unit in enumerate(ladder.rungs):
         if not unit.has_coding_tables():
             raise LadderError(f"rung {index} has no coding tables: call build_coding_tables() first")
+    storage = _storage_dtype(ladder)
+    _round_conv_weights(ladder)
+    tensors = {}
+    for index, unit in enumerate(ladder.rungs):
+        convs = conv_weight_keys(unit)
         for key, tensor in unit.state_dict().items():
-            tensors[f"rung{index}.{key}"] = tensor.detach().cpu().contiguous()
+            tensor = tensor.detach().cpu()
+            tensors[f"rung{index}.{key}"] = (tensor.to(storage) if key in convs else tensor).contiguous()
     data = save(tensors, metadata={METADATA_KEY: json.dumps(ladder.metadata(), sort_keys=True)})
     atomic_write_bytes(Path(path), data)
     ladder.path = Path(path)
@@ -138,6 +192,8 @@ def load_ladder(path: str | Path) -> Ladder:
         raise LadderError(f"{path}: incomplete ladder metadata ({exc})") from None
     except FeatcodecError as exc:
         raise LadderError(f"{path}: {exc}") from None
+    if meta.get("weights_dtype", "float32") not in WEIGHTS_DTYPES:
+        raise LadderError(f"{path}: unknown weights dtype {meta['weights_dtype']!r}")
     for index, rung_config in enumerate(rung_configs):
         problem = _mismatch(config, rung_config)
         if problem:
@@ -184,7 +240,8 @@ def join_ladders(lower: Ladder, upper: Ladder) -> Ladder:
 
     Both must cut the same backbone at the same split; their BU sizes may differ, and so may
     their learned entropy models (factorized or hyperprior), but Huffman rungs join only Huffman
-    rungs. The upper rungs keep their lambda and steps and record their training run.
+    rungs. The upper rungs keep their lambda and steps and record their training run. The
+    joined ladder stores float16 conv weights only if both do.
     """
     if (lower.backbone, lower.split) != (upper.backbone, upper.split):
         raise LadderError(
@@ -196,8 +253,11 @@ def join_ladders(lower: Ladder, upper: Ladder) -> Ladder:
             raise LadderError(f"cannot join: the upper ladder {problem}")
     training = upper.extra.get("training")
     upper_info = [{**info, **({"training": training} if training else {})} for info in upper.rung_info]
+    extra = dict(lower.extra)
+    if upper.extra.get("weights_dtype", "float32") != lower.extra.get("weights_dtype", "float32"):
+        extra.pop("weights_dtype", None)  # float32 unless both store float16: never round silently
     return Ladder(lower.backbone, lower.split, lower.config, lower.rungs + upper.rungs,
-                  lower.rung_info + upper_info, dict(lower.extra))
+                  lower.rung_info + upper_info, extra)
 
 
 def select_rungs(ladder: Ladder, indexes: list[int]) -> Ladder:

@@ -7,6 +7,8 @@
 The ladders may use BUs of other sizes (for example a stride-1 latent for higher rates) and
 learned entropy models of either kind (factorized, hyperprior); Huffman rungs join only Huffman
 rungs. Rungs after the first ladder record that ladder's training run. OUT is written atomically.
+``--float16`` stores the conv weights in float16 (about half the file); measure OUT afterwards
+(``featcodec eval --record``), since its rungs then code with the rounded weights.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")  # raised while importing compressai
 
 from featcodec.errors import FeatcodecError
-from featcodec.ladder import join_ladders, load_ladder, save_ladder, select_rungs
+from featcodec.ladder import join_ladders, load_ladder, save_ladder, select_rungs, store_weights_as
 
 RUNGS = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ladders", nargs="+", metavar="LADDER[:RUNGS]")
     parser.add_argument("-o", "--out", required=True)
+    parser.add_argument("--float16", action="store_true", help="store the conv weights in float16")
     args = parser.parse_args(argv)
     try:
         ladder = None
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             piece = load_ladder(path)
             piece = piece if indexes is None else select_rungs(piece, indexes)
             ladder = piece if ladder is None else join_ladders(ladder, piece)
+        if args.float16:
+            store_weights_as(ladder, "float16")
         save_ladder(ladder, args.out)
     except FeatcodecError as exc:
         print(f"error: {exc}", file=sys.stderr)
