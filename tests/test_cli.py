@@ -113,6 +113,7 @@ def test_models_lists_splits_and_rungs(capsysbinary):
     anchors = [e for e in lite0 if e["ladder"] == "huffman-bu"]  # the shipped stage3 anchor
     assert [e["split"] for e in anchors] == ["stage3"] and len(anchors[0]["rungs"]) == 6
     assert [r["lambda"] for r in entries["stage3"]["rungs"]] == [0.5, 4.0]
+    assert entries["stage3"]["weights_dtype"] == "float32"
     resnet50 = {e["split"]: e for e in listed if e["backbone"] == "resnet50"}
     assert resnet50["layer3.4"]["shape"] == [1024, 14, 14] and resnet50["layer3.4"]["rungs"] == []
     assert {e["backbone"] for e in listed} >= {"resnet18", "mobilenet_v3_large", "efficientnet_lite2"}
