@@ -240,7 +240,8 @@ def join_ladders(lower: Ladder, upper: Ladder) -> Ladder:
 
     Both must cut the same backbone at the same split; their BU sizes may differ, and so may
     their learned entropy models (factorized or hyperprior), but Huffman rungs join only Huffman
-    rungs. The upper rungs keep their lambda and steps and record their training run. The
+    rungs. The upper rungs keep their lambda and steps and record their training run (a rung
+    that carries its own record, joined into ``upper`` earlier, keeps that one). The
     joined ladder stores float16 conv weights only if both do.
     """
     if (lower.backbone, lower.split) != (upper.backbone, upper.split):
@@ -252,7 +253,7 @@ def join_ladders(lower: Ladder, upper: Ladder) -> Ladder:
         if problem:
             raise LadderError(f"cannot join: the upper ladder {problem}")
     training = upper.extra.get("training")
-    upper_info = [{**info, **({"training": training} if training else {})} for info in upper.rung_info]
+    upper_info = [{**({"training": training} if training else {}), **info} for info in upper.rung_info]
     extra = dict(lower.extra)
     if upper.extra.get("weights_dtype", "float32") != lower.extra.get("weights_dtype", "float32"):
         extra.pop("weights_dtype", None)  # float32 unless both store float16: never round silently

@@ -152,3 +152,13 @@ def test_picked_rungs_keep_the_training_record_of_their_own_run(parts):
     assert mixed.extra["training"] == {"seconds": 12.5} and mixed.rung_info[1]["training"] == {"seconds": 99.0}
     assert select_rungs(joined, [0, 1]).extra["training"] == {"seconds": 99.0}
     assert all("training" not in info for info in select_rungs(joined, [0, 1]).rung_info)
+
+
+def test_joining_picked_rungs_keeps_each_rungs_own_training_record(parts):
+    lower, upper = parts
+    base = load_ladder(lower)
+    base.extra = {"training": {"seconds": 99.0}}
+    joined = join_ladders(base, load_ladder(upper))  # rungs 0-1: 99 s, rung 2: 12.5 s
+    # picked rungs [2, 0] carry two records; joining them above another ladder must keep both
+    again = join_ladders(select_rungs(load_ladder(lower), [0]), select_rungs(joined, [2, 0]))
+    assert [info["training"] for info in again.rung_info[1:]] == [{"seconds": 12.5}, {"seconds": 99.0}]
