@@ -127,7 +127,8 @@ def _round_conv_weights(ladder: Ladder) -> None:
 def save_ladder(ladder: Ladder, path: Path) -> bytes:
     """Write the ladder atomically; returns its new weights tag. Rungs must have CDF tables.
 
-    Conv weights are stored as the ladder's ``weights_dtype`` says (see :func:`store_weights_as`).
+    Conv weights are stored as the ladder's ``weights_dtype`` says (see :func:`store_weights_as`);
+    for float16 the ladder's own weights are rounded in memory too, so they match the file.
     """
     from safetensors.torch import save
 
