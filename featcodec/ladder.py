@@ -100,17 +100,20 @@ def store_weights_as(ladder: Ladder, dtype: str) -> None:
     save), so the ladder codes and measures the same before and after a save and load: measure
     (``eval --record``) after converting, not before.
     """
-    if dtype not in WEIGHTS_DTYPES:
-        raise LadderError(f"unknown weights dtype {dtype!r}: use one of {', '.join(WEIGHTS_DTYPES)}")
+    _torch_dtype(dtype)
     ladder.extra["weights_dtype"] = dtype
     _round_conv_weights(ladder)
 
 
-def _storage_dtype(ladder: Ladder) -> torch.dtype:
-    name = ladder.extra.get("weights_dtype", "float32")
+def _torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``weights_dtype`` name; LadderError for an unknown one."""
     if name not in WEIGHTS_DTYPES:
         raise LadderError(f"unknown weights dtype {name!r}: use one of {', '.join(WEIGHTS_DTYPES)}")
     return WEIGHTS_DTYPES[name]
+
+
+def _storage_dtype(ladder: Ladder) -> torch.dtype:
+    return _torch_dtype(ladder.extra.get("weights_dtype", "float32"))
 
 
 def _round_conv_weights(ladder: Ladder) -> None:
@@ -189,12 +192,11 @@ def load_ladder(path: str | Path) -> Ladder:
         rung_info = [dict(info) for info in meta["rungs"]]
         rung_configs = [BottleneckConfig.from_dict(info.pop("bu")) if "bu" in info else config for info in rung_info]
         backbone, split = meta["backbone"], meta["split"]
+        _torch_dtype(meta.get("weights_dtype", "float32"))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise LadderError(f"{path}: incomplete ladder metadata ({exc})") from None
     except FeatcodecError as exc:
         raise LadderError(f"{path}: {exc}") from None
-    if meta.get("weights_dtype", "float32") not in WEIGHTS_DTYPES:
-        raise LadderError(f"{path}: unknown weights dtype {meta['weights_dtype']!r}")
     for index, rung_config in enumerate(rung_configs):
         problem = _mismatch(config, rung_config)
         if problem:
