@@ -18,7 +18,7 @@ from .errors import FeatcodecError
 
 MAGIC = b"\x89F"
 MAJOR_VERSION = 1
-MINOR_VERSION = 0
+MINOR_VERSION = 1
 PREAMBLE = MAGIC + bytes([MAJOR_VERSION, MINOR_VERSION])
 
 WEIGHTS_TAG_BYTES = 8
@@ -62,6 +62,7 @@ class ParsedRecord:
     record: Record
     offset: int
     size: int  # bytes of this record, header + payload + CRC (preamble excluded)
+    version: str  # "major.minor" of the preamble in force for this record
 
 
 def _put_varint(out: bytearray, value: int) -> None:
@@ -202,7 +203,8 @@ def _read_record(reader: _Reader, preamble: bytes) -> ParsedRecord:
         latent_shape=(latent_h, latent_w),
         strings=tuple(strings),
     )
-    return ParsedRecord(record=record, offset=start, size=reader.pos - start)
+    version = f"{preamble[len(MAGIC)]}.{preamble[len(MAGIC) + 1]}"
+    return ParsedRecord(record=record, offset=start, size=reader.pos - start, version=version)
 
 
 def parse_stream(data: bytes) -> list[ParsedRecord]:

@@ -7,7 +7,8 @@ Three kinds, chosen by ``BottleneckConfig.entropy``:
 ``hyperprior`` (:class:`HyperpriorBottleneckUnit`)
     the same encoder and decoder around a scale hyperprior (Balle et al. 2018): a
     side latent ``z`` (EntropyBottleneck) carries the scale of every latent value,
-    which CompressAI's GaussianConditional codes with rANS. Two payload strings.
+    which CompressAI's GaussianConditional codes with rANS; z and y share one
+    payload string (bitstream 1.0 wrote two, which still decode).
 ``huffman`` (:class:`HuffmanBottleneckUnit`, the ``huffman-bu`` anchor)
     the seed paper's style: depthwise 3x3 conv, 1x1 channel-reducing conv with
     BN and ReLU, a uniform scalar quantizer (step ``quant_step``) with a
@@ -17,7 +18,9 @@ Three kinds, chosen by ``BottleneckConfig.entropy``:
 All follow CompressAI's contract: ``forward(x)`` returns the reconstruction
 and a differentiable ``bits`` per image for training; ``compress(x)`` returns
 ``{"strings", "shape"}`` and ``decompress(strings, shape)`` rebuilds ``x``.
-``PAYLOAD_STRINGS`` says how many strings a record of the kind carries.
+``PAYLOAD_STRING_COUNTS`` says how many strings a record of the kind may carry
+(the first count is the one this version writes). rANS strings are framed by
+:mod:`featcodec.rans`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from compressai.models import CompressionModel
 from compressai.ops import quantize_ste
 from torch import nn
 
-from . import huffman
+from . import huffman, rans
 from .errors import FeatcodecError
 
 ENTROPY_CODERS = ("factorized", "hyperprior", "huffman")
@@ -141,7 +144,7 @@ class _SplitTensorShape:
 class BottleneckUnit(_SplitTensorShape, CompressionModel):
     """One rung of a rate ladder: ``g_a`` -> EntropyBottleneck -> ``g_s``."""
 
-    PAYLOAD_STRINGS = 1  # entropy-coded strings per record
+    PAYLOAD_STRING_COUNTS = (1,)  # entropy-coded strings a record may carry
 
     def __init__(self, config: BottleneckConfig):
         super().__init__()
@@ -176,11 +179,12 @@ class BottleneckUnit(_SplitTensorShape, CompressionModel):
 
     def compress_latent(self, y: torch.Tensor) -> dict:
         """Entropy-code the latent ``g_a`` gave: the second half of :meth:`compress`."""
-        return {"strings": [self.entropy_bottleneck.compress(y)], "shape": tuple(y.shape[-2:])}
+        strings = [rans.trim_state(string) for string in self.entropy_bottleneck.compress(y)]
+        return {"strings": [strings], "shape": tuple(y.shape[-2:])}
 
     def decompress_latent(self, strings: list, shape: tuple[int, int]) -> torch.Tensor:
         """Decode the quantized latent from its strings."""
-        return self.entropy_bottleneck.decompress(strings[0], shape)
+        return self.entropy_bottleneck.decompress([rans.restore_state(s) for s in strings[0]], shape)
 
     def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
         """Rebuild split tensors from ``compress`` output: ``{"x_hat": tensor}``."""
@@ -208,14 +212,15 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
     """A rung with a scale hyperprior: ``g_a`` -> y; ``h_a(|y - mean|)`` -> z (EntropyBottleneck);
     ``h_s(z_hat)`` -> the scale of each value of y, which a GaussianConditional codes; ``g_s``.
 
-    The record carries two payload strings, y's then z's, and the latent shape of y (z has half
-    its size, rounded up). The decoder must derive exactly the encoder's scale indexes from z_hat,
+    The record carries one payload string, z's symbols then y's in one rANS stream, and the latent
+    shape of y (z has half its size, rounded up); a record of bitstream 1.0 carries two strings,
+    y's then z's, and decodes too. The decoder must derive exactly the encoder's scale indexes from z_hat,
     or y decodes wrongly; so when coding, ``h_s`` runs in float64 (relative rounding about 1e-16,
     against 1e-7 in float32), and an index could differ between CPUs or kernels only for a scale
     within that rounding of a scale-table boundary. Training runs ``h_s`` in float32.
     """
 
-    PAYLOAD_STRINGS = 2
+    PAYLOAD_STRING_COUNTS = (1, 2)  # one joint string; two (y, z) in bitstream 1.0
 
     def __init__(self, config: BottleneckConfig):
         super().__init__()
@@ -265,24 +270,46 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
         return below.to(torch.int32)
 
     def compress(self, x: torch.Tensor) -> dict:
-        """Entropy-code a batch: ``{"strings": [y strings, z strings], "shape": (h, w) of y}``."""
+        """Entropy-code a batch: ``{"strings": [[one string per image]], "shape": (h, w) of y}``."""
         return self.compress_latent(self.g_a(x))
 
+    def _side_medians(self) -> torch.Tensor:
+        return self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+
     def compress_latent(self, y: torch.Tensor) -> dict:
-        """Entropy-code the latent ``g_a`` gave (z, then y): the second half of :meth:`compress`."""
+        """Entropy-code the latent ``g_a`` gave (z, then y, in one string per image): the second
+        half of :meth:`compress`."""
+        side, conditional = self.entropy_bottleneck, self.gaussian_conditional
         z = self.h_a(torch.abs(y - self.latent_means))
-        z_strings = self.entropy_bottleneck.compress(z)
-        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        z_symbols = side.quantize(z, "symbols", self._side_medians())
+        z_indexes = side._build_indexes(z.size())
+        z_hat = side.dequantize(z_symbols, self._side_medians())
         indexes = self._scale_indexes(z_hat, tuple(y.shape[-2:]))
-        y_strings = self.gaussian_conditional.compress(y, indexes, means=self.latent_means)
-        return {"strings": [y_strings, z_strings], "shape": tuple(y.shape[-2:])}
+        y_symbols = conditional.quantize(y, "symbols", self.latent_means)
+        strings = [
+            rans.encode_groups([(side, z_symbols[i], z_indexes[i]), (conditional, y_symbols[i], indexes[i])])
+            for i in range(y.shape[0])
+        ]
+        return {"strings": [strings], "shape": tuple(y.shape[-2:])}
 
     def decompress_latent(self, strings: list, shape: tuple[int, int]) -> torch.Tensor:
         """Decode y from its strings: z first, then y with the scales z gives."""
-        z_hat = self.entropy_bottleneck.decompress(strings[1], self.side_shape(shape))
-        indexes = self._scale_indexes(z_hat, tuple(shape))
-        means = self.latent_means.expand(indexes.shape)
-        return self.gaussian_conditional.decompress(strings[0], indexes, dtype=z_hat.dtype, means=means)
+        if len(strings) == 2:  # bitstream 1.0: y's strings, then z's, each coded alone
+            z_hat = self.entropy_bottleneck.decompress(strings[1], self.side_shape(shape))
+            indexes = self._scale_indexes(z_hat, tuple(shape))
+            means = self.latent_means.expand(indexes.shape)
+            return self.gaussian_conditional.decompress(strings[0], indexes, dtype=z_hat.dtype, means=means)
+        latents = []
+        z_indexes = self.entropy_bottleneck._build_indexes((1, self.config.latent_channels, *self.side_shape(shape)))
+        for string in strings[0]:
+            decoder = rans.GroupDecoder(string)
+            z_hat = self.entropy_bottleneck.dequantize(
+                decoder.decode(self.entropy_bottleneck, z_indexes), self._side_medians()
+            )
+            indexes = self._scale_indexes(z_hat, tuple(shape))
+            y_symbols = decoder.decode(self.gaussian_conditional, indexes)
+            latents.append(self.gaussian_conditional.dequantize(y_symbols, self.latent_means))
+        return torch.cat(latents)
 
     def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
         """Rebuild split tensors from ``compress`` output: ``{"x_hat": tensor}``."""
@@ -318,7 +345,7 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
     """The ``huffman-bu`` anchor: depthwise + 1x1 conv, uniform quantizer, static Huffman code."""
 
     ALPHABET = 256  # symbols 0..255: the quantized, non-negative latent is clamped to this range
-    PAYLOAD_STRINGS = 1
+    PAYLOAD_STRING_COUNTS = (1,)
 
     def __init__(self, config: BottleneckConfig):
         super().__init__()

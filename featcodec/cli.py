@@ -223,6 +223,7 @@ def info(
         records.append(
             {
                 "index": index,
+                "version": item.version,
                 "offset": item.offset,
                 "bytes": item.size,
                 "header_bytes": item.size - record.payload_bytes,
@@ -237,7 +238,7 @@ def info(
         )
     summary = {
         "bytes": len(data),
-        "version": f"{bitstream.MAJOR_VERSION}.{bitstream.MINOR_VERSION}",
+        "version": parsed[0].version,
         "records": records,
     }
     if as_json:
@@ -689,10 +690,10 @@ def _record_measurements(ladder, method: str, result: dict, data: Path) -> None:
         if point["method"] != method:
             continue
         ladder.rung_info[point["rate"]].update(
-            bytes_per_image=round(point["bytes_per_image"], 2), top1=round(point["top1"], 5)
+            bytes_per_image=round(point["bytes_per_image"], 2), top1=round(point["top1"], 6)
         )
     ladder.extra["measured_on"] = f"{result['images']} images of {data.name}/"
-    ladder.extra["uncompressed_top1"] = round(result["uncompressed"]["top1"], 5)
+    ladder.extra["uncompressed_top1"] = round(result["uncompressed"]["top1"], 6)
     tag = save_ladder(ladder, ladder.path)
     _say(f"recorded measurements in {ladder.path} (new weights tag {tag.hex()})")
 

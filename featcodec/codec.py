@@ -184,8 +184,9 @@ class Codec:
             raise BitstreamError(
                 f"record latent shape {record.latent_shape} does not match the model's {unit.latent_shape()}"
             )
-        if len(record.strings) != unit.PAYLOAD_STRINGS:
-            raise BitstreamError(f"record has {len(record.strings)} payload strings, expected {unit.PAYLOAD_STRINGS}")
+        if len(record.strings) not in unit.PAYLOAD_STRING_COUNTS:
+            expected = " or ".join(str(count) for count in unit.PAYLOAD_STRING_COUNTS)
+            raise BitstreamError(f"record has {len(record.strings)} payload strings, expected {expected}")
 
     @torch.no_grad()
     def decode_split_tensor(self, record: Record) -> torch.Tensor:

@@ -69,12 +69,21 @@ def test_empty_and_foreign_data_rejected():
 
 def test_unknown_version_rejected():
     data = bytearray(bitstream.write_stream([make_record()]))
-    data[2] = 2
+    data[2], data[3] = 2, 0
     with pytest.raises(BitstreamError, match="unsupported bitstream version 2.0"):
         bitstream.parse_stream(bytes(data))
-    data[2], data[3] = 1, 1
-    with pytest.raises(BitstreamError, match="version 1.1"):
+    data[2], data[3] = 1, 2
+    with pytest.raises(BitstreamError, match="version 1.2"):
         bitstream.parse_stream(bytes(data))
+
+
+def test_streams_of_version_1_0_still_parse_and_say_so():
+    """A 1.0 record differs only in its payload layout (see featcodec.rans): the framing reads the same."""
+    old_preamble = bitstream.MAGIC + bytes([1, 0])
+    body = bitstream.encode_record(make_record())[:-4]
+    (parsed,) = bitstream.parse_stream(_with_crc(old_preamble, body))
+    assert parsed.version == "1.0" and parsed.record == make_record()
+    assert bitstream.parse_stream(bitstream.write_stream([make_record()]))[0].version == "1.1"
 
 
 def _with_crc(preamble: bytes, body: bytes) -> bytes:

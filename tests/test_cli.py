@@ -142,7 +142,7 @@ BAD_STREAMS = {
     "truncated": (lambda d: d[:-5], "truncated"),
     "flipped payload byte": (lambda d: _corrupt(d, len(d) - 10), "CRC-32"),
     "flipped header byte": (lambda d: _corrupt(d, 9), "CRC-32"),
-    "unknown version": (lambda d: d[:2] + b"\x07" + d[3:], "unsupported bitstream version 7.0"),
+    "unknown version": (lambda d: d[:2] + b"\x07" + d[3:], "unsupported bitstream version 7.1"),
     "not a stream": (lambda d: COFFEE.read_bytes(), "not a featcodec stream"),
 }
 

@@ -1,5 +1,6 @@
 """BUs with a scale hyperprior: coding, the float64 scale indexes, ladders, training and the codec."""
 
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -39,8 +40,8 @@ def test_decoded_latent_equals_quantized_latent(shape, stride, gain):
     with torch.no_grad():
         coded = unit.compress(x)
         assert tuple(coded["shape"]) == unit.latent_shape()
-        y_strings, z_strings = coded["strings"]
-        assert len(y_strings) == len(z_strings) == 3
+        (strings,) = coded["strings"]  # z and y share one string per image
+        assert len(strings) == 3
         latent = unit.decompress_latent(coded["strings"], coded["shape"])
         assert torch.equal(latent, unit.quantized_latent(x))
         if gain > 100:
@@ -48,7 +49,30 @@ def test_decoded_latent_equals_quantized_latent(shape, stride, gain):
         assert unit.decompress(coded["strings"], coded["shape"])["x_hat"].shape == x.shape
         # one image at a time gives the same strings as the batch
         single = unit.compress(x[1:2])["strings"]
-        assert single == [[y_strings[1]], [z_strings[1]]]
+        assert single == [[strings[1]]]
+
+
+def bitstream_1_0_strings(unit: HyperpriorBottleneckUnit, x: torch.Tensor) -> list:
+    """The two strings per image that featcodec 1.0 wrote: y's and z's, each coded alone by CompressAI."""
+    y = unit.g_a(x)
+    z = unit.h_a(torch.abs(y - unit.latent_means))
+    z_strings = unit.entropy_bottleneck.compress(z)
+    z_hat = unit.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+    indexes = unit._scale_indexes(z_hat, tuple(y.shape[-2:]))
+    return [unit.gaussian_conditional.compress(y, indexes, means=unit.latent_means), z_strings]
+
+
+def test_records_of_bitstream_1_0_decode_to_the_same_latent_as_the_joint_string():
+    unit = coded_unit(HYPERPRIOR, seed=4)
+    x = torch.randn(3, 192, 7, 7) * 4
+    with torch.no_grad():
+        old = bitstream_1_0_strings(unit, x)
+        new = unit.compress(x)["strings"]
+        assert torch.equal(unit.decompress_latent(old, unit.latent_shape()), unit.quantized_latent(x))
+        assert torch.equal(unit.decompress_latent(new, unit.latent_shape()), unit.quantized_latent(x))
+    # the joint string saves the second flushed rANS state: at least 5 bytes per image here
+    for image in range(3):
+        assert len(new[0][image]) + 5 <= len(old[0][image]) + len(old[1][image])
 
 
 def test_scale_indexes_agree_with_compressai_away_from_table_boundaries():
@@ -103,17 +127,25 @@ def test_codec_round_trip_and_payload_string_count(tmp_path):
     codec = Codec.load("efficientnet_lite0", "stage5", weights=path)
     stream = codec.encode([COFFEE], rate=1)
     (parsed,) = bitstream.parse_stream(stream)
-    assert len(parsed.record.strings) == 2
+    assert len(parsed.record.strings) == 1 and parsed.version == "1.1"
     (decoded,) = codec.decode(stream)
     unit = codec.ladder.rung(1)
     x, _ = codec.preprocess(COFFEE)
     with torch.no_grad():
         split_tensor = codec.model.head(x.unsqueeze(0))
         expected = unit.decompress(unit.compress(split_tensor)["strings"], unit.latent_shape())["x_hat"][0]
+        old_strings = tuple(strings[0] for strings in bitstream_1_0_strings(unit, split_tensor))
     assert torch.equal(decoded.features, expected)
-    one_string = bitstream.write_stream([replace(parsed.record, strings=parsed.record.strings[:1])])
-    with pytest.raises(BitstreamError, match="1 payload strings, expected 2"):
-        codec.decode(one_string)
+    # a record as featcodec 1.0 wrote it (two strings, in a 1.0 stream) decodes to the same features
+    old_body = bitstream.encode_record(replace(parsed.record, strings=old_strings))[:-4]
+    old_preamble = bitstream.MAGIC + bytes([1, 0])
+    old_stream = old_preamble + old_body + zlib.crc32(old_preamble + old_body).to_bytes(4, "big")
+    assert len(old_stream) > len(stream)
+    (old_decoded,) = codec.decode(old_stream)
+    assert torch.equal(old_decoded.features, expected) and old_decoded.top(5) == decoded.top(5)
+    three_strings = bitstream.write_stream([replace(parsed.record, strings=parsed.record.strings * 3)])
+    with pytest.raises(BitstreamError, match="3 payload strings, expected 1 or 2"):
+        codec.decode(three_strings)
 
 
 def test_factorized_and_hyperprior_rungs_join_into_one_ladder(tmp_path):
@@ -122,7 +154,7 @@ def test_factorized_and_hyperprior_rungs_join_into_one_ladder(tmp_path):
     path = tmp_path / "joined.safetensors"
     save_ladder(join_ladders(lower, upper), path)
     codec = Codec.load("efficientnet_lite0", "stage5", weights=path)
-    for rate, strings in [(0, 2), (2, 1)]:
+    for rate, strings in [(0, 1), (2, 1)]:
         (decoded,) = codec.decode(codec.encode([COFFEE], rate=rate))
         assert len(decoded.record.strings) == strings
     huffman = untrained_ladder("efficientnet_lite0", "stage5", replace(FACTORIZED, entropy="huffman"), [1.0])

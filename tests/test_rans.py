@@ -1,0 +1,62 @@
+"""rANS payload strings: the trimmed flushed state and several groups in one string."""
+
+import pytest
+import torch
+from compressai.entropy_models import EntropyBottleneck
+
+from featcodec import rans
+from featcodec.bitstream import BitstreamError
+
+
+def coded_bottleneck(channels: int = 4, seed: int = 0) -> EntropyBottleneck:
+    torch.manual_seed(seed)
+    model = EntropyBottleneck(channels)
+    model.update(force=True)
+    return model
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.5, 3.0, 40.0])
+def test_trimmed_strings_restore_to_compressais_and_decode(scale):
+    """Small scales leave a tiny final state (its top bytes zero, trimmed away); large ones fill it."""
+    model = coded_bottleneck()
+    trimmed_any = False
+    for seed in range(12):
+        torch.manual_seed(seed)
+        y = torch.randn(1, 4, 3, 5) * scale
+        (string,) = model.compress(y)
+        short = rans.trim_state(string)
+        assert len(string) % 4 == 0 and len(string) - 3 <= len(short) <= len(string)
+        trimmed_any |= len(short) < len(string)
+        assert rans.restore_state(short) == string
+        assert torch.equal(model.decompress([rans.restore_state(short)], (3, 5)),
+                           model.decompress([string], (3, 5)))
+    if scale < 1:
+        assert trimmed_any
+
+
+def test_untrimmed_strings_of_bitstream_1_0_restore_to_themselves():
+    string = bytes([1, 2, 3, 4, 5, 0, 0, 0]) + bytes(range(8))
+    assert rans.restore_state(string) == string
+    assert rans.trim_state(string) == bytes([1, 2, 3, 4, 5]) + bytes(range(8))
+    assert rans.restore_state(rans.trim_state(string)) == string
+
+
+def test_malformed_strings_are_refused():
+    with pytest.raises(ValueError, match="not a CompressAI rANS string"):
+        rans.trim_state(b"\x01\x02\x03")
+    for length in range(5):  # 5 bytes (a state whose 3 top bytes were zero) is the shortest string
+        with pytest.raises(BitstreamError, match="shorter than its state"):
+            rans.restore_state(bytes(range(1, length + 1)))
+    for length in (5, 6, 7):
+        assert len(rans.restore_state(bytes(range(1, length + 1)))) == 8
+
+
+def test_groups_share_one_string_and_decode_in_order():
+    first, second = coded_bottleneck(4, seed=1), coded_bottleneck(6, seed=2)
+    a = torch.randint(-5, 6, (1, 4, 2, 2), dtype=torch.int32)
+    b = torch.randint(-40, 41, (1, 6, 3, 3), dtype=torch.int32)  # beyond the CDFs: escaped, still exact
+    a_indexes, b_indexes = first._build_indexes(a.size()), second._build_indexes(b.size())
+    string = rans.encode_groups([(first, a, a_indexes), (second, b, b_indexes)])
+    decoder = rans.GroupDecoder(string)
+    assert torch.equal(decoder.decode(first, a_indexes), a)
+    assert torch.equal(decoder.decode(second, b_indexes), b)
