@@ -184,7 +184,8 @@ class BottleneckUnit(_SplitTensorShape, CompressionModel):
 
     def decompress_latent(self, strings: list, shape: tuple[int, int]) -> torch.Tensor:
         """Decode the quantized latent from its strings."""
-        return self.entropy_bottleneck.decompress([rans.restore_state(s) for s in strings[0]], shape)
+        symbols = self.config.latent_channels * shape[0] * shape[1]
+        return self.entropy_bottleneck.decompress([rans.for_decoding(s, symbols) for s in strings[0]], shape)
 
     def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
         """Rebuild split tensors from ``compress`` output: ``{"x_hat": tensor}``."""
@@ -294,15 +295,19 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
 
     def decompress_latent(self, strings: list, shape: tuple[int, int]) -> torch.Tensor:
         """Decode y from its strings: z first, then y with the scales z gives."""
+        channels, side_shape = self.config.latent_channels, self.side_shape(shape)
+        y_count, z_count = channels * shape[0] * shape[1], channels * side_shape[0] * side_shape[1]
         if len(strings) == 2:  # bitstream 1.0: y's strings, then z's, each coded alone
-            z_hat = self.entropy_bottleneck.decompress(strings[1], self.side_shape(shape))
+            z_strings = [rans.for_decoding(s, z_count) for s in strings[1]]
+            z_hat = self.entropy_bottleneck.decompress(z_strings, side_shape)
             indexes = self._scale_indexes(z_hat, tuple(shape))
             means = self.latent_means.expand(indexes.shape)
-            return self.gaussian_conditional.decompress(strings[0], indexes, dtype=z_hat.dtype, means=means)
+            y_strings = [rans.for_decoding(s, y_count) for s in strings[0]]
+            return self.gaussian_conditional.decompress(y_strings, indexes, dtype=z_hat.dtype, means=means)
         latents = []
-        z_indexes = self.entropy_bottleneck._build_indexes((1, self.config.latent_channels, *self.side_shape(shape)))
+        z_indexes = self.entropy_bottleneck._build_indexes((1, channels, *side_shape))
         for string in strings[0]:
-            decoder = rans.GroupDecoder(string)
+            decoder = rans.GroupDecoder(string, y_count + z_count)
             z_hat = self.entropy_bottleneck.dequantize(
                 decoder.decode(self.entropy_bottleneck, z_indexes), self._side_medians()
             )

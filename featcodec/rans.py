@@ -12,6 +12,12 @@ here make a record smaller without changing what is coded:
   word; the string's length modulo 4 then says how many were dropped, and
   :func:`restore_state` puts them back before CompressAI decodes. A string whose
   length is a multiple of 4 (every string of bitstream 1.0) restores to itself.
+
+CompressAI's decoder never checks where its buffer ends: a crafted string (with
+a valid CRC) could lead it to read past the end. :func:`for_decoding` therefore
+appends zero words, enough for what such a decode can read once it has run out
+of real words (bounded below), so those reads stay in memory this module owns.
+Decoding a valid string never reads them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ from .bitstream import BitstreamError
 
 STATE_BYTES = 8  # the flushed 64-bit rANS state at the start of every string
 WORD_BYTES = 4
+# Zero words a decode may read past the real ones. From CompressAI's decode loop: once the
+# decoder reads only zeros, a symbol reads at most 2 words (one to advance, one bypass chunk,
+# as the state decays to zero), and the state's leftover 64 bits can start one escape of at
+# most 16 length chunks of 15 and so 255 value chunks, a word each: 2 per symbol plus 512 covers it.
+GUARD_WORDS_PER_SYMBOL = 2
+GUARD_WORDS = 512
 
 
 def trim_state(string: bytes) -> bytes:
@@ -42,6 +54,12 @@ def restore_state(string: bytes) -> bytes:
     if len(string) < STATE_BYTES - zeros:
         raise BitstreamError(f"corrupt stream: a {len(string)}-byte rANS payload is shorter than its state")
     return string[: STATE_BYTES - zeros] + bytes(zeros) + string[STATE_BYTES - zeros :]
+
+
+def for_decoding(string: bytes, symbols: int) -> bytes:
+    """The restored string with zero guard words after it, for decoding ``symbols`` symbols."""
+    guard = GUARD_WORDS + GUARD_WORDS_PER_SYMBOL * symbols
+    return restore_state(string) + bytes(WORD_BYTES * guard)
 
 
 def _coding_tables(model: EntropyModel) -> tuple[list, list, list]:
@@ -64,11 +82,12 @@ def encode_groups(groups: list[tuple[EntropyModel, torch.Tensor, torch.Tensor]])
 
 
 class GroupDecoder:
-    """Reads back, group by group and in order, a string that :func:`encode_groups` wrote."""
+    """Reads back, group by group and in order, a string that :func:`encode_groups` wrote
+    (``symbols``: how many symbols all groups hold together)."""
 
-    def __init__(self, string: bytes):
+    def __init__(self, string: bytes, symbols: int):
         self._decoder = RansDecoder()
-        self._decoder.set_stream(restore_state(string))
+        self._decoder.set_stream(for_decoding(string, symbols))
 
     def decode(self, model: EntropyModel, indexes: torch.Tensor) -> torch.Tensor:
         """The next group's symbols (int32, shaped like ``indexes``), coded with ``model``'s CDFs."""

@@ -57,6 +57,23 @@ def test_groups_share_one_string_and_decode_in_order():
     b = torch.randint(-40, 41, (1, 6, 3, 3), dtype=torch.int32)  # beyond the CDFs: escaped, still exact
     a_indexes, b_indexes = first._build_indexes(a.size()), second._build_indexes(b.size())
     string = rans.encode_groups([(first, a, a_indexes), (second, b, b_indexes)])
-    decoder = rans.GroupDecoder(string)
+    decoder = rans.GroupDecoder(string, a.numel() + b.numel())
     assert torch.equal(decoder.decode(first, a_indexes), a)
     assert torch.equal(decoder.decode(second, b_indexes), b)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_crafted_strings_decode_within_the_guard_words(seed):
+    """A string cut short or made of noise makes CompressAI's decoder read past its real words; with
+    the guard those reads land in zeros, so the result equals that of the same string followed by
+    far more zeros (without enough guard, the decode would read whatever lies beyond and differ)."""
+    model = coded_bottleneck(8, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    (valid,) = model.compress(torch.randn(1, 8, 6, 6, generator=generator) * 30)  # many escapes
+    noise = bytes(torch.randint(0, 256, (40,), generator=generator).tolist())
+    for string in (rans.trim_state(valid)[: 5 + seed], b"\xff" * (9 + seed), noise[: 8 + 4 * seed]):
+        guarded = model.decompress([rans.for_decoding(string, 8 * 6 * 6)], (6, 6))
+        roomy = model.decompress([rans.restore_state(string) + bytes(1 << 20)], (6, 6))
+        assert torch.equal(guarded, roomy)
+    assert torch.equal(model.decompress([rans.for_decoding(rans.trim_state(valid), 8 * 6 * 6)], (6, 6)),
+                       model.decompress([valid], (6, 6)))
