@@ -1,8 +1,9 @@
 """rANS payload strings: CompressAI's coder, framed a few bytes tighter.
 
-CompressAI's rANS coder writes whole 32-bit words and ends each string with its
-64-bit state (two little-endian words, written first in the string). Two things
-here make a record smaller without changing what is coded:
+CompressAI's rANS coder writes whole 32-bit words and finishes each string by
+flushing its 64-bit state, which lands at the start of the string (two
+little-endian words). Two things here make a record smaller without changing
+what is coded:
 
 * :func:`encode_groups` codes several groups of symbols (for a hyperprior rung:
   z, then y) into one string with CompressAI's ``BufferedRansEncoder``, as
