@@ -281,14 +281,16 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
         """Entropy-code the latent ``g_a`` gave (z, then y, in one string per image): the second
         half of :meth:`compress`."""
         side, conditional = self.entropy_bottleneck, self.gaussian_conditional
+        side_medians = self._side_medians()
         z = self.h_a(torch.abs(y - self.latent_means))
-        z_symbols = side.quantize(z, "symbols", self._side_medians())
+        z_symbols = side.quantize(z, "symbols", side_medians)
         z_indexes = side._build_indexes(z.size())
-        z_hat = side.dequantize(z_symbols, self._side_medians())
+        z_hat = side.dequantize(z_symbols, side_medians)
         indexes = self._scale_indexes(z_hat, tuple(y.shape[-2:]))
         y_symbols = conditional.quantize(y, "symbols", self.latent_means)
+        z_tables, y_tables = rans.coding_tables(side), rans.coding_tables(conditional)
         strings = [
-            rans.encode_groups([(side, z_symbols[i], z_indexes[i]), (conditional, y_symbols[i], indexes[i])])
+            rans.encode_groups([(z_tables, z_symbols[i], z_indexes[i]), (y_tables, y_symbols[i], indexes[i])])
             for i in range(y.shape[0])
         ]
         return {"strings": [strings], "shape": tuple(y.shape[-2:])}
@@ -306,13 +308,13 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
             return self.gaussian_conditional.decompress(y_strings, indexes, dtype=z_hat.dtype, means=means)
         latents = []
         z_indexes = self.entropy_bottleneck._build_indexes((1, channels, *side_shape))
+        side_medians = self._side_medians()
+        z_tables, y_tables = rans.coding_tables(self.entropy_bottleneck), rans.coding_tables(self.gaussian_conditional)
         for string in strings[0]:
             decoder = rans.GroupDecoder(string, y_count + z_count)
-            z_hat = self.entropy_bottleneck.dequantize(
-                decoder.decode(self.entropy_bottleneck, z_indexes), self._side_medians()
-            )
+            z_hat = self.entropy_bottleneck.dequantize(decoder.decode(z_tables, z_indexes), side_medians)
             indexes = self._scale_indexes(z_hat, tuple(shape))
-            y_symbols = decoder.decode(self.gaussian_conditional, indexes)
+            y_symbols = decoder.decode(y_tables, indexes)
             latents.append(self.gaussian_conditional.dequantize(y_symbols, self.latent_means))
         return torch.cat(latents)
 

@@ -63,8 +63,9 @@ def for_decoding(string: bytes, symbols: int) -> bytes:
     return restore_state(string) + bytes(WORD_BYTES * guard)
 
 
-def _coding_tables(model: EntropyModel) -> tuple[list, list, list]:
-    """The quantized CDFs, their lengths and offsets, as CompressAI's coder takes them."""
+def coding_tables(model: EntropyModel) -> tuple[list, list, list]:
+    """The quantized CDFs, their lengths and offsets, as CompressAI's coder takes them (build them
+    once per batch: the Gaussian table's conversion takes about 0.2 ms)."""
     return (
         model._quantized_cdf.tolist(),
         model._cdf_length.reshape(-1).int().tolist(),
@@ -72,13 +73,11 @@ def _coding_tables(model: EntropyModel) -> tuple[list, list, list]:
     )
 
 
-def encode_groups(groups: list[tuple[EntropyModel, torch.Tensor, torch.Tensor]]) -> bytes:
-    """One trimmed rANS string holding each ``(entropy model, symbols, CDF indexes)`` group in turn."""
+def encode_groups(groups: list[tuple[tuple, torch.Tensor, torch.Tensor]]) -> bytes:
+    """One trimmed rANS string holding each ``(coding tables, symbols, CDF indexes)`` group in turn."""
     encoder = BufferedRansEncoder()
-    for model, symbols, indexes in groups:
-        encoder.encode_with_indexes(
-            symbols.reshape(-1).int().tolist(), indexes.reshape(-1).int().tolist(), *_coding_tables(model)
-        )
+    for tables, symbols, indexes in groups:
+        encoder.encode_with_indexes(symbols.reshape(-1).int().tolist(), indexes.reshape(-1).int().tolist(), *tables)
     return trim_state(encoder.flush())
 
 
@@ -90,7 +89,8 @@ class GroupDecoder:
         self._decoder = RansDecoder()
         self._decoder.set_stream(for_decoding(string, symbols))
 
-    def decode(self, model: EntropyModel, indexes: torch.Tensor) -> torch.Tensor:
-        """The next group's symbols (int32, shaped like ``indexes``), coded with ``model``'s CDFs."""
-        values = self._decoder.decode_stream(indexes.reshape(-1).int().tolist(), *_coding_tables(model))
+    def decode(self, tables: tuple, indexes: torch.Tensor) -> torch.Tensor:
+        """The next group's symbols (int32, shaped like ``indexes``), coded with ``tables``
+        (:func:`coding_tables` of its entropy model)."""
+        values = self._decoder.decode_stream(indexes.reshape(-1).int().tolist(), *tables)
         return torch.tensor(values, dtype=torch.int32).reshape(indexes.shape)
