@@ -690,7 +690,7 @@ def _record_measurements(ladder, method: str, result: dict, data: Path) -> None:
         if point["method"] != method:
             continue
         ladder.rung_info[point["rate"]].update(
-            bytes_per_image=round(point["bytes_per_image"], 2), top1=round(point["top1"], 6)
+            bytes_per_image=round(point["bytes_per_image"], 4), top1=round(point["top1"], 6)
         )
     ladder.extra["measured_on"] = f"{result['images']} images of {data.name}/"
     ladder.extra["uncompressed_top1"] = round(result["uncompressed"]["top1"], 6)

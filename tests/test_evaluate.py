@@ -56,7 +56,7 @@ def test_eval_cli_json_and_record(labelled_folder, stage3_weights, tmp_path, cap
     from featcodec.ladder import load_ladder
 
     ladder = load_ladder(weights)
-    assert [r["bytes_per_image"] for r in ladder.rung_info] == [round(p["bytes_per_image"], 2) for p in result["points"]]
+    assert [r["bytes_per_image"] for r in ladder.rung_info] == [round(p["bytes_per_image"], 4) for p in result["points"]]
     assert main(["eval", "--data", str(labelled_folder), "--weights", str(weights)]) == 2
     assert "exactly one of --sweep or --rate" in capsys.readouterr().err
 
@@ -101,7 +101,7 @@ def test_eval_cli_baselines_csv_plot(labelled_folder, stage3_weights, tmp_path, 
 
     featcodec_points = [p for p in result["points"] if p["method"] == "featcodec"]
     assert [r["bytes_per_image"] for r in load_ladder(weights).rung_info] == [
-        round(p["bytes_per_image"], 2) for p in featcodec_points
+        round(p["bytes_per_image"], 4) for p in featcodec_points
     ]
 
 

@@ -237,7 +237,7 @@ def test_eval_cli_huffman_bu_baseline(tmp_path, stage3_weights, huffman_stage3, 
     assert main(recorded) == 0, capsys.readouterr().err
     points = json.loads(capsys.readouterr().out)["points"]
     for path, method in ((own, "featcodec"), (anchor, "huffman-bu")):
-        expected = [round(p["bytes_per_image"], 2) for p in points if p["method"] == method]
+        expected = [round(p["bytes_per_image"], 4) for p in points if p["method"] == method]
         assert [r["bytes_per_image"] for r in load_ladder(path).rung_info] == expected
     assert main(args[:-2] + ["--huffman-weights", str(stage3_weights)]) == 2
     assert "is not a huffman ladder" in capsys.readouterr().err
