@@ -135,3 +135,23 @@ def test_eval_all_splits(labelled_folder, weights_dir, tmp_path, capsys, monkeyp
     assert sorted(p.name for p in tmp_path.glob("curve-*.png")) == ["curve-stage2.png", "curve-stage3.png", "curve-stage5.png"]
     assert main(args + ["--split", "stage3"]) == 2
     assert "--all-splits" in capsys.readouterr().err
+
+
+def test_record_keeps_enough_digits_to_round_like_the_csv(tmp_path):
+    """`--record` stores bytes with 4 decimals: 2137.046 must show as 2137.0, as the CSV rounds it, not 2137.1."""
+    from conftest import make_tiny_ladder
+    from featcodec.cli import _record_measurements
+    from featcodec.ladder import load_ladder
+
+    path = make_tiny_ladder("efficientnet_lite0", "stage3", tmp_path / "tiny.safetensors")
+    points = [
+        {"method": "featcodec", "rate": 0, "bytes_per_image": 2137.046153846, "top1": 0.797692307},
+        {"method": "featcodec", "rate": 1, "bytes_per_image": 63.365384615, "top1": 0.206923082},
+        {"method": "jpeg", "rate": None, "bytes_per_image": 1.0, "top1": 0.5},
+    ]
+    result = {"points": points, "images": 1300, "uncompressed": {"top1": 0.824615}}
+    _record_measurements(load_ladder(path), "featcodec", result, tmp_path / "val")
+    info = load_ladder(path).rung_info
+    assert [r["bytes_per_image"] for r in info] == [2137.0462, 63.3654]
+    assert f"{info[0]['bytes_per_image']:.1f}" == "2137.0"
+    assert [r["top1"] for r in info] == [0.797692, 0.206923]
