@@ -683,7 +683,7 @@ def _print_eval_table(result: dict) -> None:
 
 
 def _record_measurements(ladder, method: str, result: dict, data: Path) -> None:
-    """Store the measured bytes and top-1 of ``method``'s points in ``ladder``'s file (a new weights tag)."""
+    """Store the measured bytes and top-1 of ``method``'s points in ``ladder``'s file (a new weights tag if they changed)."""
     from .ladder import save_ladder
 
     for point in result["points"]:
@@ -694,8 +694,10 @@ def _record_measurements(ladder, method: str, result: dict, data: Path) -> None:
         )
     ladder.extra["measured_on"] = f"{result['images']} images of {data.name}/"
     ladder.extra["uncompressed_top1"] = round(result["uncompressed"]["top1"], 6)
+    old_tag = ladder.weights_tag
     tag = save_ladder(ladder, ladder.path)
-    _say(f"recorded measurements in {ladder.path} (new weights tag {tag.hex()})")
+    change = "weights tag unchanged" if tag == old_tag else f"new weights tag {tag.hex()}"
+    _say(f"recorded measurements in {ladder.path} ({change})")
 
 
 @app.command()

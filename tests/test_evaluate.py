@@ -155,3 +155,21 @@ def test_record_keeps_enough_digits_to_round_like_the_csv(tmp_path):
     assert [r["bytes_per_image"] for r in info] == [2137.0462, 63.3654]
     assert f"{info[0]['bytes_per_image']:.1f}" == "2137.0"
     assert [r["top1"] for r in info] == [0.797692, 0.206923]
+
+
+def test_record_says_whether_the_weights_tag_changed(tmp_path, capsys):
+    """Recording the same measurements twice leaves the file and its tag as they were, and says so."""
+    from conftest import make_tiny_ladder
+    from featcodec.cli import _record_measurements
+    from featcodec.ladder import load_ladder
+
+    path = make_tiny_ladder("efficientnet_lite0", "stage3", tmp_path / "tiny.safetensors")
+    points = [{"method": "featcodec", "rate": k, "bytes_per_image": 100.0 + k, "top1": 0.5} for k in (0, 1)]
+    result = {"points": points, "images": 1300, "uncompressed": {"top1": 0.824615}}
+    _record_measurements(load_ladder(path), "featcodec", result, tmp_path / "val")
+    first = capsys.readouterr().err
+    before = path.read_bytes()
+    _record_measurements(load_ladder(path), "featcodec", result, tmp_path / "val")
+    second = capsys.readouterr().err
+    assert "new weights tag" in first
+    assert "weights tag unchanged" in second and path.read_bytes() == before
