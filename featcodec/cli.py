@@ -683,7 +683,7 @@ def _print_eval_table(result: dict) -> None:
 
 
 def _record_measurements(ladder, method: str, result: dict, data: Path) -> None:
-    """Store the measured bytes and top-1 of ``method``'s points in ``ladder``'s file (a new weights tag if they changed)."""
+    """Store the measured bytes and top-1 of ``method``'s points in ``ladder``'s file (new weights tag if changed)."""
     from .ladder import save_ladder
 
     for point in result["points"]:
