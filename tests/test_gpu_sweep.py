@@ -1,0 +1,40 @@
+"""scripts/gpu_sweep.py on the CPU: one cache, one time-boxed job, its ladder delivered as it finishes."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, make_image_folder
+from featcodec.bottleneck import BottleneckConfig
+from featcodec.ladder import load_ladder, save_ladder, untrained_ladder
+from featcodec.train import TrainConfig, cache_key, list_images
+
+
+def test_sweep_trains_a_job_from_its_init_ladder_and_delivers_it(tmp_path):
+    data = make_image_folder(tmp_path / "train", count=4)
+    (tmp_path / "init").mkdir()
+    config = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=8, hidden_channels=16,
+                              entropy="hyperprior")
+    save_ladder(untrained_ladder("efficientnet_lite0", "stage5", config, [1.0]), tmp_path / "init" / "s5.safetensors")
+    job = {"name": "a", "split": "stage5", "views": 1, "lambda": 2.0, "init": "s5.safetensors", "batch": 2,
+           "max_steps": 30, "config": {"kd_weight": 5.0}}
+    (tmp_path / "jobs.json").write_text(json.dumps({"commit": "abc1234", "jobs": [job]}))
+    (tmp_path / "out").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_sweep.py"), "sweep", "--data", str(data), "--init",
+         str(tmp_path / "init"), "--jobs", str(tmp_path / "jobs.json"), "--work", str(tmp_path / "work"),
+         "--seconds", "300", "--margin", "5", "--probe", "12", "--deliver", str(tmp_path / "out")],
+        capture_output=True, text=True, env=dict(os.environ, SWEEP_DEVICE="cpu"), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "a: exit 0" in result.stdout
+    ladder = load_ladder(tmp_path / "out" / "a.safetensors")
+    assert ladder.config == config and len(ladder.rungs) == 1
+    assert ladder.rung_info[0]["lambda"] == 2.0 and ladder.rung_info[0]["steps"] == 30
+    training = ladder.extra["training"]
+    assert training["git_commit"] == "abc1234" and training["init_from"] == "s5.safetensors"
+    assert training["data"] == "4 images under train/, 1 augmented views each" and training["batch_size"] == 2
+    # the cache carries the name `featcodec train --views 1 --distortion mse+kd` looks for
+    expected = cache_key(TrainConfig("efficientnet_lite0", "stage5", [2.0], views=1), list_images(data), True)
+    assert (tmp_path / "work" / "cache" / f"efficientnet_lite0-stage5-{expected}.safetensors").is_file()
