@@ -504,6 +504,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 "lambda": lam,
                 "steps": config.steps + (initial.rung_info[k].get("steps", 0) if initial else 0),
                 "distortion": config.distortion,
+                **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
                 **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
             }
             for k, lam in enumerate(config.lambdas)

@@ -31,11 +31,13 @@ def tiny_config(**changes):
 def test_tiny_training_run_writes_a_ladder_that_decodes(image_folder, tmp_path):
     out = tmp_path / "stage5.safetensors"
     events = []
-    train_ladder(tiny_config(distortion="mse+kd"), image_folder, out, SMALL_BU, cache_dir=tmp_path / "cache",
-                 reporter=events.append)
+    train_ladder(tiny_config(distortion="mse+kd", kd_weight=30.0), image_folder, out, SMALL_BU,
+                 cache_dir=tmp_path / "cache", reporter=events.append)
     assert not checkpoint_path(out).exists()
     ladder = load_ladder(out)
     assert [r["lambda"] for r in ladder.rung_info] == [0.01, 10.0]
+    # lambda alone does not say how hard a rung was pushed: the kd term's weight is recorded with it
+    assert [r["kd_weight"] for r in ladder.rung_info] == [30.0, 30.0]
     assert ladder.extra["training"]["data"].startswith("8 images")
     train_events = [e for e in events if e["phase"] == "train"]
     assert {"bits", "mse", "kd", "loss"} <= set(train_events[-1])
@@ -208,6 +210,6 @@ def test_rounded_decoder_input_run_is_recorded_per_rung(image_folder, tmp_path):
     assert [info.get("decoder_input") for info in load_ladder(out).rung_info] == ["rounded", "rounded"]
     plain = train_ladder(tiny_config(steps=4), image_folder, tmp_path / "p.safetensors", SMALL_BU,
                          cache_dir=tmp_path / "cache")
-    assert "decoder_input" not in plain.rung_info[0]
+    assert "decoder_input" not in plain.rung_info[0] and "kd_weight" not in plain.rung_info[0]  # mse only
     # same seed and batches, so only the decoder's input differs between the two runs
     assert not torch.equal(ladder.rungs[0].g_s[0].weight, plain.rungs[0].g_s[0].weight)
