@@ -136,12 +136,10 @@ def build_feature_cache(
     batch: list[torch.Tensor] = []
 
     def flush() -> None:
-        x = torch.stack(batch).to(device)
-        with torch.no_grad():
-            split_tensor = model.head(x)
-            features.append(split_tensor.half().cpu())
-            if with_logits:
-                logits.append(model.tail(split_tensor).half().cpu())
+        batch_features, batch_logits = head_outputs(model, torch.stack(batch).to(device), with_logits)
+        features.append(batch_features)
+        if with_logits:
+            logits.append(batch_logits)
         batch.clear()
 
     done = 0
@@ -166,6 +164,14 @@ def build_feature_cache(
     return cache
 
 
+def head_outputs(model: SplitModel, x: torch.Tensor, with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch's split tensors and (``with_logits``) teacher logits, fp16 on the CPU, as the cache holds them."""
+    with torch.no_grad():
+        split_tensor = model.head(x)
+        logits = model.tail(split_tensor).half().cpu() if with_logits else None
+        return split_tensor.half().cpu(), logits
+
+
 def cache_key(config: TrainConfig, files: list[Path], with_logits: bool) -> str:
     """A hash naming the cache: backbone, split, views, mixup, seed, teacher logits and the images.
 
@@ -184,6 +190,11 @@ def cache_key(config: TrainConfig, files: list[Path], with_logits: bool) -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_file(config: TrainConfig, files: list[Path], cache_dir: str | Path, with_logits: bool) -> Path:
+    """Where the feature cache of this run's settings and images lives in ``cache_dir``."""
+    return Path(cache_dir) / f"{config.backbone}-{config.split}-{cache_key(config, files, with_logits)}.safetensors"
+
+
 def load_or_build_cache(
     config: TrainConfig, model: SplitModel, files: list[Path], cache_dir: Path, device: str, progress=None
 ) -> dict[str, torch.Tensor]:
@@ -191,7 +202,7 @@ def load_or_build_cache(
     from safetensors.torch import load_file, save
 
     with_logits = config.distortion != "mse"
-    path = Path(cache_dir) / f"{config.backbone}-{config.split}-{cache_key(config, files, with_logits)}.safetensors"
+    path = cache_file(config, files, cache_dir, with_logits)
     if path.is_file():
         return load_file(str(path))
     cache = build_feature_cache(

@@ -76,24 +76,23 @@ def build_cache(args):
 
     from featcodec.backbones import load_split_model
     from featcodec.fileio import atomic_write_bytes
-    from featcodec.train import cache_key, list_images
+    from featcodec.train import cache_file, head_outputs, list_images
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     config = _config(args.split, args.views)
     files = list_images(args.data)
-    path = Path(args.work) / "cache" / f"efficientnet_lite0-{args.split}-{cache_key(config, files, True)}.safetensors"
+    path = cache_file(config, files, Path(args.work) / "cache", with_logits=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model = load_split_model("efficientnet_lite0", args.split, None, False).to(DEVICE).eval()
     loader = torch.utils.data.DataLoader(_Views(files, args.views, config.seed), batch_size=256, num_workers=15,
                                          pin_memory=DEVICE != "cpu")
     features, logits = [], []
-    with torch.no_grad():
-        for x in loader:
-            split_tensor = model.head(x.to(DEVICE, non_blocking=True))
-            features.append(split_tensor.half().cpu())
-            logits.append(model.tail(split_tensor).half().cpu())
+    for x in loader:
+        batch_features, batch_logits = head_outputs(model, x.to(DEVICE, non_blocking=True), with_logits=True)
+        features.append(batch_features)
+        logits.append(batch_logits)
     cache = {"features": torch.cat(features), "logits": torch.cat(logits)}
     atomic_write_bytes(path, save(cache))
     print(f"cache {tuple(cache['features'].shape)} in {time.time() - started:.0f} s -> {path.name}", flush=True)
