@@ -56,15 +56,19 @@ class BottleneckConfig:
     gdn: bool = True  # GDN / inverse GDN between layers, else ReLU
     entropy: str = "factorized"  # "factorized" (EntropyBottleneck + rANS), "hyperprior" or "huffman"
     quant_step: float = 1.0  # the huffman BU's quantizer step qp
+    refine_blocks: int = 0  # residual blocks after g_s, on the decoder side only (0: none)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict. A factorized BU's dict leaves out the fields added after it (entropy,
-        quant_step), so that ladders written before they existed keep their bytes, and their weights
-        tags, when re-saved; only a huffman BU records its quantizer step."""
+        quant_step, refine_blocks), so that ladders written before they existed keep their bytes, and
+        their weights tags, when re-saved; only a huffman BU records its quantizer step, and only a BU
+        with a refiner its block count."""
         data = asdict(self)
         data["out_size"] = list(self.out_size)
         if self.entropy != "huffman":
             del data["quant_step"]
+        if not self.refine_blocks:
+            del data["refine_blocks"]
         if self.entropy == "factorized":
             del data["entropy"]
         return data
@@ -81,6 +85,8 @@ class BottleneckConfig:
             or config.layers < 2
             or min(config.out_size) < 1
             or config.entropy not in ENTROPY_CODERS
+            or not isinstance(config.refine_blocks, int)
+            or config.refine_blocks < 0
             or not (config.quant_step > 0 and math.isfinite(config.quant_step))
         ):
             raise FeatcodecError(f"bad bottleneck config in weights metadata: {data}")
@@ -127,8 +133,34 @@ def _decoder(config: BottleneckConfig) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
+class ResidualBlock(nn.Module):
+    """``x + conv(relu(conv(x)))`` at the split tensor's width, through ``hidden`` channels. The second
+    conv starts at zero, so a new block passes its input through unchanged."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.expand = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.project = nn.Conv2d(hidden, channels, 3, padding=1)
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(torch.relu(self.expand(x)))
+
+
+def _refiner(config: BottleneckConfig) -> nn.Sequential | None:
+    """The decoder-side refiner: ``config.refine_blocks`` residual blocks after ``g_s`` (None for 0).
+
+    It runs on the server only and changes no bit of the stream: a ladder's rung can gain one and
+    be trained further with its encoder frozen (``featcodec train --decoder-only``)."""
+    if not config.refine_blocks:
+        return None
+    return nn.Sequential(*(ResidualBlock(config.in_channels, config.hidden_channels) for _ in range(config.refine_blocks)))
+
+
 class _SplitTensorShape:
-    """Latent and output geometry shared by both kinds of BU (``config``, ``g_s`` come from the BU)."""
+    """Latent and output geometry shared by all kinds of BU (``config``, ``g_s`` and ``g_r``, the
+    refiner or None, come from the BU)."""
 
     def latent_shape(self) -> tuple[int, int]:
         """(h, w) of the latent for a split tensor of ``config.out_size``."""
@@ -138,7 +170,12 @@ class _SplitTensorShape:
 
     def _synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
         height, width = self.config.out_size
-        return self.g_s(y_hat)[..., :height, :width]
+        x_hat = self.g_s(y_hat)[..., :height, :width]
+        return x_hat if self.g_r is None else self.g_r(x_hat)
+
+    def decoder_side_modules(self) -> list[nn.Module]:
+        """The modules only the decoder runs: ``g_s`` and the refiner (what ``--decoder-only`` trains)."""
+        return [self.g_s] + ([self.g_r] if self.g_r is not None else [])
 
 
 class BottleneckUnit(_SplitTensorShape, CompressionModel):
@@ -152,6 +189,7 @@ class BottleneckUnit(_SplitTensorShape, CompressionModel):
         self.g_a = _encoder(config)
         self.entropy_bottleneck = EntropyBottleneck(config.latent_channels)
         self.g_s = _decoder(config)
+        self.g_r = _refiner(config)
 
     def forward(self, x: torch.Tensor, rounded_decoder_input: bool = False) -> dict:
         """Training pass: noisy latent, reconstruction, likelihoods and estimated bits per image.
@@ -206,7 +244,7 @@ class BottleneckUnit(_SplitTensorShape, CompressionModel):
 
     def decoder_modules(self) -> list[nn.Module]:
         """The modules whose parameters the decoder uses (the entropy model only as CDF tables)."""
-        return [self.g_s]
+        return self.decoder_side_modules()
 
 
 class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
@@ -239,6 +277,7 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
         self.gaussian_conditional = GaussianConditional(None)
         self.latent_means = nn.Parameter(torch.zeros(1, n, 1, 1))  # y is coded as round(y - mean) + mean
         self.g_s = _decoder(config)
+        self.g_r = _refiner(config)
 
     def side_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         """(h, w) of z for a latent y of (h, w)."""
@@ -345,7 +384,7 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
 
     def decoder_modules(self) -> list[nn.Module]:
         """The modules whose parameters the decoder uses (z's entropy model only as CDF tables)."""
-        return [self.h_s, self.g_s]
+        return [self.h_s, *self.decoder_side_modules()]
 
 
 class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
@@ -371,6 +410,7 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
         else:
             spatial = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
         self.g_s = nn.Sequential(nn.Conv2d(latent, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(), spatial)
+        self.g_r = _refiner(config)
         self.register_buffer("code_lengths", torch.zeros(self.ALPHABET, dtype=torch.uint8))
         self._code = None  # the huffman.Code of code_lengths, built on first use
 
@@ -434,7 +474,7 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
 
     def decoder_modules(self) -> list[nn.Module]:
         """The modules the decoder runs (for parameter counts)."""
-        return [self.g_s]
+        return self.decoder_side_modules()
 
     def _huffman_code(self) -> huffman.Code:
         if self._code is None:

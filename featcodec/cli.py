@@ -347,6 +347,14 @@ def train(
         "--init-from, the ladder's own (naming another is refused)."
     ),
     quant_step: float = typer.Option(1.0, "--quant-step", help="Quantizer step qp of the huffman BU."),
+    refine_blocks: Optional[int] = typer.Option(
+        None, "--refine-blocks", min=0, help="Residual blocks after the BU decoder, on the server side only "
+        "(default 0, or the --init-from ladder's); new blocks start as identities."
+    ),
+    decoder_only: bool = typer.Option(
+        False, "--decoder-only", help="Train only the BU decoder (and refiner) of the --init-from ladder, on "
+        "the latent as coded: the encoder, the rate and every bitstream stay as they were."
+    ),
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Start rung k from rung k of this ladder (train further or fine-tune; "
         "its BU config is used)."
@@ -373,9 +381,11 @@ def train(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
         pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda, kd_weight=kd_weight, mixup=mixup,
-        rounded_decoder_input=rounded_decoder_input,
+        rounded_decoder_input=rounded_decoder_input, decoder_only=decoder_only,
     )
     config.validate()
+    if decoder_only and init_from is None:
+        raise FeatcodecError("--decoder-only trains the decoder of an existing ladder: give --init-from")
     from .bottleneck import ENTROPY_CODERS, BottleneckConfig
     from .ladder import HUFFMAN_VARIANT
 
@@ -389,7 +399,7 @@ def train(
         bu_config = BottleneckConfig(
             in_channels=channels, out_size=(height, width), latent_channels=latent_channels,
             hidden_channels=hidden_channels, stride=stride, layers=layers, entropy=entropy or "factorized",
-            quant_step=quant_step,
+            quant_step=quant_step, refine_blocks=refine_blocks or 0,
         )
     else:  # the --init-from ladder's BU, with --entropy if given (train checks that this may start from it)
         from dataclasses import replace
@@ -398,6 +408,8 @@ def train(
 
         init_ladder = load_ladder(init_from)  # read once: train_ladder starts from this copy
         bu_config = replace(init_ladder.config, entropy=entropy) if entropy else init_ladder.config
+        if refine_blocks is not None:
+            bu_config = replace(bu_config, refine_blocks=refine_blocks)
         initial_ladder(init_ladder, spec.name, split, bu_config, len(lambda_values))  # refuse early, in one line
     entropy = bu_config.entropy
     files = list_images(data)

@@ -61,6 +61,7 @@ class TrainConfig:
     pretrain_steps: int = 0  # mse-only steps that initialise the rungs (cheap; helps kd converge)
     pretrain_lambda: float = 1000.0
     rounded_decoder_input: bool = False  # g_s trains on the rounded latent (straight-through), as it decodes
+    decoder_only: bool = False  # train only g_s and the refiner, on the coded latent; the stream is unchanged
 
     def validate(self) -> None:
         """Raise TrainError on values that cannot train."""
@@ -237,11 +238,24 @@ def distortion(
 
 
 def _optimizers(unit: torch.nn.Module, config: TrainConfig):
-    """Adam for the BU, and a separate Adam for the entropy model's quantiles (None if it has none)."""
+    """Adam for the BU, and a separate Adam for the entropy model's quantiles (None if it has none).
+
+    With ``config.decoder_only``, Adam for the decoder-side modules only and no aux optimizer: the
+    encoder and the entropy models (frozen by :func:`freeze_encoder_side`) and so the coding tables
+    stay as they were."""
+    if config.decoder_only:
+        return torch.optim.Adam([p for p in unit.parameters() if p.requires_grad], lr=config.learning_rate), None
     main = [p for n, p in unit.named_parameters() if not n.endswith(".quantiles")]
     aux = [p for n, p in unit.named_parameters() if n.endswith(".quantiles")]
     aux_opt = torch.optim.Adam(aux, lr=config.aux_learning_rate) if aux else None
     return torch.optim.Adam(main, lr=config.learning_rate), aux_opt
+
+
+def freeze_encoder_side(unit: torch.nn.Module) -> None:
+    """Turn off the gradients of every parameter but those of the decoder-side modules."""
+    trained = {id(p) for module in unit.decoder_side_modules() for p in module.parameters()}
+    for parameter in unit.parameters():
+        parameter.requires_grad_(id(parameter) in trained)
 
 
 def _learning_rate(config: TrainConfig, step: int) -> float:
@@ -258,13 +272,13 @@ def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, for
     """
     for group in opt.param_groups:
         group["lr"] = lr
-    output = (forward or unit)(x, rounded_decoder_input=config.rounded_decoder_input)
+    output = (forward or unit)(x, rounded_decoder_input=config.rounded_decoder_input or config.decoder_only)
     bits = output["bits"]
     terms = distortion(kind, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight)
     loss = bits + lam * terms["total"]
     opt.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(unit.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_([p for p in unit.parameters() if p.requires_grad], 1.0)
     opt.step()
     if aux_opt is not None:
         aux_loss = unit.aux_loss()
@@ -307,11 +321,26 @@ def initial_ladder(source, backbone: str, split: str, bu_config: BottleneckConfi
     if ladder.is_mixed():
         raise TrainError(f"--init-from {path}: its rungs have different BU configs; start from a ladder with one "
                          f"(scripts/join_ladders.py PATH:RUNGS -o OUT picks rungs)")
-    if ladder.config != bu_config:
+    if ladder.config != bu_config and not _adds_refine_blocks(ladder.config, bu_config):
         raise TrainError(f"--init-from {path} has BU config {ladder.config.to_dict()}, this run {bu_config.to_dict()}")
     if len(ladder.rungs) != rungs:
         raise TrainError(f"--init-from {path} has {len(ladder.rungs)} rungs, --lambdas gives {rungs}")
     return ladder
+
+
+def _adds_refine_blocks(start: BottleneckConfig, target: BottleneckConfig) -> bool:
+    """True when ``target`` is ``start`` with more refiner blocks (new blocks start as identities)."""
+    from dataclasses import replace
+
+    return target.refine_blocks > start.refine_blocks and replace(start, refine_blocks=target.refine_blocks) == target
+
+
+def load_initial_state(unit: torch.nn.Module, start: torch.nn.Module) -> None:
+    """Load rung ``start``'s weights into ``unit``; refiner blocks that ``start`` lacks keep their
+    identity initialisation."""
+    missing, unexpected = unit.load_state_dict(start.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("g_r.") for key in missing):
+        raise TrainError(f"--init-from rung does not fit this BU: missing {missing}, unexpected {unexpected}")
 
 
 def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
@@ -395,6 +424,8 @@ def train_ladder(
     :mod:`featcodec.distributed`; only rank 0 reports progress and writes files.
     """
     config.validate()
+    if config.decoder_only and init_from is None:
+        raise TrainError("--decoder-only trains the decoder of an existing ladder: give --init-from")
     spec = get_backbone(config.backbone)
     point = spec.split(config.split)
     files = files or list_images(data)
@@ -468,12 +499,14 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
         torch.manual_seed(config.seed + 1000 * rung)
         unit = make_unit(bu_config)
         if initial is not None:
-            unit.load_state_dict(initial.rungs[rung].state_dict())
+            load_initial_state(unit, initial.rungs[rung])
         elif config.warm_start and finished:
             unit.load_state_dict(finished[-1].state_dict())
         elif init_state is not None:
             unit.load_state_dict(init_state)
         unit = unit.to(device)
+        if config.decoder_only:
+            freeze_encoder_side(unit)
         forward = distributed.wrap(unit, context, device)
         opt, aux_opt = _optimizers(unit, config)
         step = 0
@@ -484,6 +517,10 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             torch.set_rng_state(resumed["rng"])
             step = first_step
         unit.train()
+        if config.decoder_only:  # the encoder side keeps its normalisation statistics too
+            unit.eval()
+            for module in unit.decoder_side_modules():
+                module.train()
         while step < config.steps:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rung * 100_003 + step)
             index = context.shard(torch.randint(len(features), (config.batch_size,), generator=generator))
@@ -499,7 +536,8 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             if step % config.checkpoint_every == 0 and step < config.steps and context.is_main:
                 _save_checkpoint(ckpt, config, finished, rung, step, unit, opt, aux_opt)
         unit = unit.cpu().eval()
-        unit.build_coding_tables(features)  # CDF tables, or the Huffman code from the training latents
+        if not config.decoder_only:  # a decoder-only run keeps the start's tables, so every stream stays
+            unit.build_coding_tables(features)  # CDF tables, or the Huffman code from the training latents
         finished.append(unit)
         if rung + 1 < len(config.lambdas) and context.is_main:
             _save_checkpoint(ckpt, config, finished, rung + 1, 0)
@@ -516,7 +554,8 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 "steps": config.steps + (initial.rung_info[k].get("steps", 0) if initial else 0),
                 "distortion": config.distortion,
                 **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
-                **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
+                **({"decoder_input": "rounded"} if config.rounded_decoder_input or config.decoder_only else {}),
+                **({"decoder_only_steps": config.steps} if config.decoder_only else {}),
             }
             for k, lam in enumerate(config.lambdas)
         ],

@@ -93,3 +93,29 @@ def test_rounded_decoder_input_trains_g_s_on_what_the_coder_sends(entropy):
     assert rounded["bits"].shape == noisy["bits"].shape
     torch.mean((rounded["x_hat"] - x) ** 2).backward()
     assert unit.g_a[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("entropy", ["factorized", "hyperprior", "huffman"])
+def test_new_refiner_blocks_pass_the_decoder_output_through(entropy):
+    from dataclasses import replace
+
+    from featcodec.bottleneck import BottleneckConfig, make_unit
+
+    plain_config = BottleneckConfig(in_channels=24, out_size=(7, 7), latent_channels=6, hidden_channels=12,
+                                    entropy=entropy)
+    refined_config = replace(plain_config, refine_blocks=2)
+    assert "refine_blocks" not in plain_config.to_dict()  # older ladders keep their bytes when re-saved
+    assert BottleneckConfig.from_dict(refined_config.to_dict()) == refined_config
+    torch.manual_seed(0)
+    plain, refined = make_unit(plain_config).eval(), make_unit(refined_config).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("g_r.") for key in missing)
+    x = torch.randn(2, 24, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(refined(x)["x_hat"], plain(x)["x_hat"])
+        # a trained refiner changes the output; the refiner counts as decoder parameters
+        refined.g_r[0].project.weight.add_(0.1)
+        assert not torch.allclose(refined(x)["x_hat"], plain(x)["x_hat"])
+    assert refined.g_r in refined.decoder_modules() and refined.g_r not in refined.encoder_modules()
+    with pytest.raises(Exception, match="bad bottleneck config"):
+        BottleneckConfig.from_dict({**refined_config.to_dict(), "refine_blocks": -1})

@@ -3,6 +3,7 @@ import torch
 
 from conftest import COFFEE, make_image_folder
 from featcodec.bottleneck import BottleneckConfig
+from featcodec.bitstream import read_stream
 from featcodec.codec import Codec
 from featcodec.ladder import load_ladder
 from featcodec.train import TrainConfig, TrainError, checkpoint_path, train_ladder
@@ -153,8 +154,14 @@ def test_train_cli_writes_a_ladder_and_reports_bad_settings(image_folder, tmp_pa
     assert "wrote 2-rung ladder" in capsys.readouterr().err
     assert main(args + ["--rounded-decoder-input"]) == 0, capsys.readouterr().err
     assert [info.get("decoder_input") for info in load_ladder(out).rung_info] == ["rounded", "rounded"]
+    refined = tmp_path / "refined.safetensors"
+    refine = ["--init-from", str(out), "--refine-blocks", "1", "--decoder-only", "--distortion", "kd"]
+    assert main(args[:-4] + refine + ["--out", str(refined), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert load_ladder(refined).config.refine_blocks == 1
     capsys.readouterr()
     for bad, message in [
+        (["--decoder-only"], "give --init-from"),
+        (["--refine-blocks", "-1"], "--refine-blocks"),
         (["--lambdas", "1,-2"], "positive"),
         (["--lambdas", "1,x"], "comma-separated numbers"),
         (["--split", "stage9"], "unknown split"),
@@ -213,3 +220,40 @@ def test_rounded_decoder_input_run_is_recorded_per_rung(image_folder, tmp_path):
     assert "decoder_input" not in plain.rung_info[0] and "kd_weight" not in plain.rung_info[0]  # mse only
     # same seed and batches, so only the decoder's input differs between the two runs
     assert not torch.equal(ladder.rungs[0].g_s[0].weight, plain.rungs[0].g_s[0].weight)
+
+
+@pytest.mark.parametrize("bu", [SMALL_BU, HYPERPRIOR_BU, HUFFMAN_BU], ids=["factorized", "hyperprior", "huffman"])
+def test_decoder_only_run_adds_a_refiner_and_keeps_every_stream(image_folder, tmp_path, bu):
+    from dataclasses import replace
+
+    cache = tmp_path / "cache"
+    first = tmp_path / "first.safetensors"
+    train_ladder(tiny_config(steps=3, distortion="mse+kd"), image_folder, first, bu, cache_dir=cache)
+    refined_out = tmp_path / "refined.safetensors"
+    refined_bu = replace(bu, refine_blocks=1)
+    # other views than the first run's: a Huffman code rebuilt from them would change the streams
+    train_ladder(tiny_config(steps=4, distortion="kd", decoder_only=True, learning_rate=1e-2, views=2), image_folder,
+                 refined_out, refined_bu, cache_dir=cache, init_from=first)
+    before, after = load_ladder(first), load_ladder(refined_out)
+    assert after.config == refined_bu
+    assert [info["decoder_only_steps"] for info in after.rung_info] == [4, 4]
+    assert [info["decoder_input"] for info in after.rung_info] == ["rounded", "rounded"]
+    for old, new in zip(before.rungs, after.rungs):
+        decoder_side = {id(p) for module in new.decoder_side_modules() for p in module.parameters()}
+        new_state = new.state_dict()
+        for name, value in old.state_dict().items():  # the encoder side, its buffers and tables stay
+            changed = not torch.equal(value, new_state[name])
+            assert not changed or name.startswith("g_s."), name
+        assert any(not torch.equal(p, torch.zeros_like(p)) for p in new.g_r[0].project.parameters())
+        assert len(decoder_side) == len(list(new.g_s.parameters())) + len(list(new.g_r.parameters()))
+    old_codec = Codec.load("efficientnet_lite0", "stage5", weights=first)
+    new_codec = Codec.load("efficientnet_lite0", "stage5", weights=refined_out)
+    for rate in (0, 1):
+        old_stream, new_stream = old_codec.encode([COFFEE], rate=rate), new_codec.encode([COFFEE], rate=rate)
+        old_record, new_record = read_stream(old_stream)[0], read_stream(new_stream)[0]
+        assert new_record.weights_tag != old_record.weights_tag  # the decoder must be the new one ...
+        assert new_record.strings == old_record.strings  # ... but not a bit of the payload changes
+        assert new_codec.decode(new_stream)[0].features.shape == (192, 7, 7)
+    with pytest.raises(TrainError, match="--init-from"):
+        train_ladder(tiny_config(decoder_only=True), image_folder, tmp_path / "x.safetensors", refined_bu,
+                     cache_dir=cache)
