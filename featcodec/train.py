@@ -343,6 +343,19 @@ def load_initial_state(unit: torch.nn.Module, start: torch.nn.Module) -> None:
         raise TrainError(f"--init-from rung does not fit this BU: missing {missing}, unexpected {unexpected}")
 
 
+def _decoder_only_info(config: TrainConfig, start: dict) -> dict:
+    """A decoder-only rung's record: the start rung's (its lambda and distortion set the rate, which
+    this run keeps), less its measured figures, plus this run's decoder steps and distortion."""
+    info = {k: v for k, v in start.items() if k not in ("bytes_per_image", "top1", "training")}
+    info["steps"] = start.get("steps", 0) + config.steps
+    info["decoder_only_steps"] = start.get("decoder_only_steps", 0) + config.steps
+    info["decoder_distortion"] = config.distortion
+    if config.distortion == "mse+kd":
+        info["decoder_kd_weight"] = config.kd_weight
+    info["decoder_input"] = "rounded"
+    return info
+
+
 def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
     out = {}
     if optimizer is None:
@@ -549,13 +562,13 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
         config=bu_config,
         rungs=finished,
         rung_info=[
+            _decoder_only_info(config, initial.rung_info[k]) if config.decoder_only else
             {
                 "lambda": lam,
                 "steps": config.steps + (initial.rung_info[k].get("steps", 0) if initial else 0),
                 "distortion": config.distortion,
                 **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
-                **({"decoder_input": "rounded"} if config.rounded_decoder_input or config.decoder_only else {}),
-                **({"decoder_only_steps": config.steps} if config.decoder_only else {}),
+                **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
             }
             for k, lam in enumerate(config.lambdas)
         ],

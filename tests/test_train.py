@@ -238,6 +238,10 @@ def test_decoder_only_run_adds_a_refiner_and_keeps_every_stream(image_folder, tm
     assert after.config == refined_bu
     assert [info["decoder_only_steps"] for info in after.rung_info] == [4, 4]
     assert [info["decoder_input"] for info in after.rung_info] == ["rounded", "rounded"]
+    # the rate recipe is the start rung's: its lambda and distortion, not this run's
+    assert [(info["lambda"], info["distortion"]) for info in after.rung_info] == [(0.01, "mse+kd"), (10.0, "mse+kd")]
+    assert [info["steps"] for info in after.rung_info] == [7, 7]
+    assert after.rung_info[0]["decoder_distortion"] == "kd"
     for old, new in zip(before.rungs, after.rungs):
         decoder_side = {id(p) for module in new.decoder_side_modules() for p in module.parameters()}
         new_state = new.state_dict()
