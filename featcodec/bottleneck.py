@@ -151,7 +151,7 @@ class ResidualBlock(nn.Module):
 def _refiner(config: BottleneckConfig) -> nn.Sequential | None:
     """The decoder-side refiner: ``config.refine_blocks`` residual blocks after ``g_s`` (None for 0).
 
-    It runs on the server only and changes no bit of the stream: a ladder's rung can gain one and
+    It runs on the server only and changes no bit of the payload: a ladder's rung can gain one and
     be trained further with its encoder frozen (``featcodec train --decoder-only``)."""
     if not config.refine_blocks:
         return None

@@ -353,7 +353,7 @@ def train(
     ),
     decoder_only: bool = typer.Option(
         False, "--decoder-only", help="Train only the BU decoder (and refiner) of the --init-from ladder, on "
-        "the latent as coded: the encoder, the rate and every bitstream stay as they were."
+        "the latent as coded: the encoder, the rate and every payload stay as they were (the weights tag is new)."
     ),
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Start rung k from rung k of this ladder (train further or fine-tune; "

@@ -61,7 +61,7 @@ class TrainConfig:
     pretrain_steps: int = 0  # mse-only steps that initialise the rungs (cheap; helps kd converge)
     pretrain_lambda: float = 1000.0
     rounded_decoder_input: bool = False  # g_s trains on the rounded latent (straight-through), as it decodes
-    decoder_only: bool = False  # train only g_s and the refiner, on the coded latent; the stream is unchanged
+    decoder_only: bool = False  # train only g_s and the refiner, on the coded latent; payloads unchanged
 
     def validate(self) -> None:
         """Raise TrainError on values that cannot train."""
