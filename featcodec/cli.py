@@ -372,7 +372,7 @@ def train(
     except ValueError:
         raise FeatcodecError(f"--lambdas must be comma-separated numbers, got '{lambdas}'") from None
     from .backbones import get_backbone
-    from .train import TrainConfig, initial_ladder, list_images, train_ladder
+    from .train import TrainConfig, check_decoder_only, initial_ladder, list_images, train_ladder
 
     spec = get_backbone(backbone)
     split = spec.split(split or spec.default_split).name
@@ -384,8 +384,7 @@ def train(
         rounded_decoder_input=rounded_decoder_input, decoder_only=decoder_only,
     )
     config.validate()
-    if decoder_only and init_from is None:
-        raise FeatcodecError("--decoder-only trains the decoder of an existing ladder: give --init-from")
+    check_decoder_only(config, init_from)  # before torchrun starts, in one line
     from .bottleneck import ENTROPY_CODERS, BottleneckConfig
     from .ladder import HUFFMAN_VARIANT
 

@@ -241,7 +241,7 @@ def _optimizers(unit: torch.nn.Module, config: TrainConfig):
     """Adam for the BU, and a separate Adam for the entropy model's quantiles (None if it has none).
 
     With ``config.decoder_only``, Adam for the decoder-side modules only and no aux optimizer: the
-    encoder and the entropy models (frozen by :func:`freeze_encoder_side`) and so the coding tables
+    encoder and the entropy models (frozen by :func:`set_training_mode`) and so the coding tables
     stay as they were."""
     if config.decoder_only:
         return torch.optim.Adam([p for p in unit.parameters() if p.requires_grad], lr=config.learning_rate), None
@@ -251,11 +251,25 @@ def _optimizers(unit: torch.nn.Module, config: TrainConfig):
     return torch.optim.Adam(main, lr=config.learning_rate), aux_opt
 
 
-def freeze_encoder_side(unit: torch.nn.Module) -> None:
-    """Turn off the gradients of every parameter but those of the decoder-side modules."""
-    trained = {id(p) for module in unit.decoder_side_modules() for p in module.parameters()}
+def set_training_mode(unit: torch.nn.Module, decoder_only: bool) -> None:
+    """Put ``unit`` in training mode; with ``decoder_only``, only its decoder-side modules, and every
+    other parameter frozen (no gradient, and normalisation statistics kept)."""
+    if not decoder_only:
+        unit.train()
+        return
+    unit.eval()
+    trained = set()
+    for module in unit.decoder_side_modules():
+        module.train()
+        trained.update(id(p) for p in module.parameters())
     for parameter in unit.parameters():
         parameter.requires_grad_(id(parameter) in trained)
+
+
+def check_decoder_only(config: TrainConfig, init_from) -> None:
+    """TrainError when a decoder-only run has no ladder to start from."""
+    if config.decoder_only and init_from is None:
+        raise TrainError("--decoder-only trains the decoder of an existing ladder: give --init-from")
 
 
 def _learning_rate(config: TrainConfig, step: int) -> float:
@@ -278,7 +292,7 @@ def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, for
     loss = bits + lam * terms["total"]
     opt.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in unit.parameters() if p.requires_grad], 1.0)
+    torch.nn.utils.clip_grad_norm_(unit.parameters(), 1.0)
     opt.step()
     if aux_opt is not None:
         aux_loss = unit.aux_loss()
@@ -437,8 +451,7 @@ def train_ladder(
     :mod:`featcodec.distributed`; only rank 0 reports progress and writes files.
     """
     config.validate()
-    if config.decoder_only and init_from is None:
-        raise TrainError("--decoder-only trains the decoder of an existing ladder: give --init-from")
+    check_decoder_only(config, init_from)
     spec = get_backbone(config.backbone)
     point = spec.split(config.split)
     files = files or list_images(data)
@@ -518,8 +531,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
         elif init_state is not None:
             unit.load_state_dict(init_state)
         unit = unit.to(device)
-        if config.decoder_only:
-            freeze_encoder_side(unit)
+        set_training_mode(unit, config.decoder_only)  # before DDP, which registers the trained parameters
         forward = distributed.wrap(unit, context, device)
         opt, aux_opt = _optimizers(unit, config)
         step = 0
@@ -529,11 +541,6 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             _restore_optimizer("aux", aux_opt, resumed)
             torch.set_rng_state(resumed["rng"])
             step = first_step
-        unit.train()
-        if config.decoder_only:  # the encoder side keeps its normalisation statistics too
-            unit.eval()
-            for module in unit.decoder_side_modules():
-                module.train()
         while step < config.steps:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rung * 100_003 + step)
             index = context.shard(torch.randint(len(features), (config.batch_size,), generator=generator))
