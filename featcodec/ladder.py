@@ -35,7 +35,7 @@ LADDER_FORMAT = 1
 MIXED_LADDER_FORMAT = 2  # some rung has a BU config of its own
 WEIGHTS_ENV = "FEATCODEC_WEIGHTS"
 WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # how conv weights are stored
-_TRANSFORMS = ("g_a", "g_s", "h_a", "h_s")  # the BU's conv stacks; entropy models stay float32
+_TRANSFORMS = ("g_a", "g_s", "g_r", "h_a", "h_s")  # the BU's conv stacks (g_r: refiner); entropy models stay float32
 
 
 class LadderError(FeatcodecError):

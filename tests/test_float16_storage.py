@@ -18,6 +18,7 @@ from featcodec.ladder import (LadderError, conv_weight_keys, join_ladders, load_
 HYPERPRIOR = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=16, hidden_channels=64,
                               entropy="hyperprior")
 FACTORIZED = replace(HYPERPRIOR, entropy="factorized", stride=1)
+REFINED = replace(HYPERPRIOR, refine_blocks=2)
 
 
 def _ladder(config=HYPERPRIOR, seed=0):
@@ -25,14 +26,15 @@ def _ladder(config=HYPERPRIOR, seed=0):
 
 
 def test_conv_weight_keys_cover_the_conv_stacks_only():
-    unit = _ladder().rungs[0]
+    unit = _ladder(REFINED).rungs[0]
     keys = conv_weight_keys(unit)
-    assert {"g_a.0.weight", "g_a.0.bias", "g_s.0.weight", "h_a.0.weight", "h_s.0.weight"} <= keys
-    assert all(key.split(".")[0] in ("g_a", "g_s", "h_a", "h_s") for key in keys)
+    assert {"g_a.0.weight", "g_a.0.bias", "g_s.0.weight", "h_a.0.weight", "h_s.0.weight",
+            "g_r.0.expand.weight", "g_r.1.project.bias"} <= keys
+    assert all(key.split(".")[0] in ("g_a", "g_s", "g_r", "h_a", "h_s") for key in keys)
     assert not any("beta" in key or "gamma" in key for key in keys)  # GDN stays float32
 
 
-@pytest.mark.parametrize("config", [HYPERPRIOR, FACTORIZED], ids=["hyperprior", "factorized"])
+@pytest.mark.parametrize("config", [HYPERPRIOR, FACTORIZED, REFINED], ids=["hyperprior", "factorized", "refined"])
 def test_float16_ladder_is_smaller_and_codes_as_it_did_before_saving(config, tmp_path):
     full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
     save_ladder(_ladder(config), full)
