@@ -2,14 +2,17 @@
 
     python scripts/gpu_sweep.py sweep --data DIR --init DIR --jobs JOBS.json --work DIR --seconds S [--deliver DIR]
 
-JOBS.json is ``{"commit": "...", "jobs": [{"name", "split", "views", "lambda", "init", "batch", "config"}, ...]}``:
-each job trains one BU with :func:`featcodec.train.train_ladder`, starting from the one-rung ladder ``init``
-(under ``--init``; make it with ``scripts/join_ladders.py LADDER:K -o FILE``), with the FLAGS below and the
-job's ``config`` overrides (``{"kd_weight": 100}``, say). It was written for a GPU lent for minutes:
+JOBS.json is ``{"commit": "...", "jobs": [{"name", "split", "views", "mixup"?, "lambda", "init", "batch",
+"refine_blocks"?, "config"}, ...]}``: each job trains one BU with :func:`featcodec.train.train_ladder`, starting
+from the one-rung ladder ``init`` (under ``--init``; make it with ``scripts/join_ladders.py LADDER:K -o FILE``),
+with the FLAGS below and the job's ``config`` overrides (``{"kd_weight": 100}``, ``{"decoder_only": true}``, say);
+``refine_blocks`` gives the BU that many refiner blocks (as ``featcodec train --refine-blocks``). It was written
+for a GPU lent for minutes:
 
-- the cache of every (split, views) is built once, before the jobs, with 15 loader workers; it is stored
-  under the name ``featcodec train`` looks for, and view v of image i is augmented with a generator seeded
-  by (seed, v, i), so its views differ from those of the built-in (serial) cache builder;
+- the cache of every (split, views, mixup) is built once, before the jobs, with 15 loader workers; it is
+  stored under the name ``featcodec train`` looks for, and view v of image i is augmented with a generator
+  seeded by (seed, v, i), so its views differ from those of the built-in (serial) cache builder (with mixup,
+  views after the first blend in a view of a random other image, as there);
 - every job sets its step count from its own speed after ``--probe`` steps (again after 4x that, and later
   only shortens it), so that it ends its training ``--margin`` seconds before ``--seconds`` have passed
   (the cosine learning-rate schedule follows the new count); jobs left running at the end are killed;
@@ -41,22 +44,25 @@ DEVICE = os.environ.get("SWEEP_DEVICE", "cuda")
 FLAGS = dict(distortion="mse+kd", kd_weight=30.0, learning_rate=3e-4, rounded_decoder_input=True, seed=0)
 
 
-def _config(split, views, lam=1.0, **kw):
+def _config(split, views, lam=1.0, mixup=0.0, **kw):
     from featcodec.train import TrainConfig
 
     args = dict(FLAGS)
     args.update(kw)
-    return TrainConfig("efficientnet_lite0", split, [lam], views=views, **args)
+    return TrainConfig("efficientnet_lite0", split, [lam], views=views, mixup=mixup, **args)
 
 
 class _Views(torch.utils.data.Dataset):
-    """View v of image i, augmented with a generator seeded by (seed, v, i): any worker count gives one cache."""
+    """View v of image i, augmented with a generator seeded by (seed, v, i): any worker count gives one cache.
 
-    def __init__(self, files, views, seed):
+    With ``mixup`` > 0, views after the first blend in a view of a random other image, weight ~ Beta(mixup, mixup)
+    (the teacher logits are then those of the blend, as in featcodec.train.build_feature_cache)."""
+
+    def __init__(self, files, views, seed, mixup=0.0):
         from featcodec.backbones import get_backbone
         from featcodec.train import _augment
 
-        self.files, self.views, self.seed = files, views, seed
+        self.files, self.views, self.seed, self.mixup = files, views, seed, mixup
         self.transform = _augment(get_backbone("efficientnet_lite0").preprocessing)
 
     def __len__(self):
@@ -67,7 +73,12 @@ class _Views(torch.utils.data.Dataset):
 
         view, image = divmod(index, len(self.files))
         torch.manual_seed(self.seed * 1_000_003 + view * 100_003 + image)
-        return self.transform(load_image(self.files[image]))
+        x = self.transform(load_image(self.files[image]))
+        if self.mixup > 0 and view > 0:
+            weight = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+            partner = int(torch.randint(len(self.files), ()))
+            x = weight * x + (1 - weight) * self.transform(load_image(self.files[partner]))
+        return x
 
 
 def build_cache(args):
@@ -80,13 +91,13 @@ def build_cache(args):
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    config = _config(args.split, args.views)
+    config = _config(args.split, args.views, mixup=args.mixup)
     files = list_images(args.data)
     path = cache_file(config, files, Path(args.work) / "cache", with_logits=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model = load_split_model("efficientnet_lite0", args.split, None, False).to(DEVICE).eval()
-    loader = torch.utils.data.DataLoader(_Views(files, args.views, config.seed), batch_size=256, num_workers=15,
+    loader = torch.utils.data.DataLoader(_Views(files, args.views, config.seed, args.mixup), batch_size=256, num_workers=15,
                                          pin_memory=DEVICE != "cpu")
     features, logits = [], []
     for x in loader:
@@ -105,8 +116,8 @@ def run_job(args):
     spec = json.loads(args.spec)
     deadline = spec["deadline"]
     train._git_commit = lambda: spec["commit"]  # the device copy's .git is not this repository's
-    config = _config(spec["split"], spec["views"], spec["lambda"], steps=spec["max_steps"],
-                     batch_size=spec.get("batch", 64), **spec.get("config", {}))
+    config = _config(spec["split"], spec["views"], spec["lambda"], mixup=spec.get("mixup", 0.0),
+                     steps=spec["max_steps"], batch_size=spec.get("batch", 64), **spec.get("config", {}))
     log = open(spec["out"] + ".log", "w")
     marks = {}
 
@@ -128,8 +139,15 @@ def run_job(args):
             print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in event.items()}),
                   file=log, flush=True)
 
-    init = spec.get("init")
-    train.train_ladder(config, spec["data"], spec["out"], cache_dir=spec["cache"], device=DEVICE,
+    init, bu_config = spec.get("init"), None
+    if "refine_blocks" in spec:
+        from dataclasses import replace
+
+        from featcodec.ladder import load_ladder
+
+        init = load_ladder(init)
+        bu_config = replace(init.config, refine_blocks=spec["refine_blocks"])
+    train.train_ladder(config, spec["data"], spec["out"], bu_config, cache_dir=spec["cache"], device=DEVICE,
                        init_from=init, reporter=report)
     print("done", file=log, flush=True)
 
@@ -141,9 +159,9 @@ def sweep(args):
     (work / "out").mkdir(parents=True, exist_ok=True)
     jobs = json.loads(Path(args.jobs).read_text())
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for split, views in sorted({(j["split"], j["views"]) for j in jobs["jobs"]}):
+    for split, views, mixup in sorted({(j["split"], j["views"], j.get("mixup", 0.0)) for j in jobs["jobs"]}):
         subprocess.run([sys.executable, __file__, "cache", "--data", args.data, "--work", args.work, "--split", split,
-                        "--views", str(views)], check=True, env=dict(env, OMP_NUM_THREADS="4"))
+                        "--views", str(views), "--mixup", str(mixup)], check=True, env=dict(env, OMP_NUM_THREADS="4"))
     print(f"caches ready at {time.time() - started:.0f} s", flush=True)
     procs = []
     for job in jobs["jobs"]:
@@ -188,6 +206,7 @@ def main():
     parser.add_argument("--work")
     parser.add_argument("--split")
     parser.add_argument("--views", type=int)
+    parser.add_argument("--mixup", type=float, default=0.0)
     parser.add_argument("--spec")
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--margin", type=float, default=40.0)
