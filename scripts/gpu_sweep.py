@@ -97,8 +97,8 @@ def build_cache(args):
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     model = load_split_model("efficientnet_lite0", args.split, None, False).to(DEVICE).eval()
-    loader = torch.utils.data.DataLoader(_Views(files, args.views, config.seed, args.mixup), batch_size=256, num_workers=15,
-                                         pin_memory=DEVICE != "cpu")
+    views = _Views(files, args.views, config.seed, args.mixup)
+    loader = torch.utils.data.DataLoader(views, batch_size=256, num_workers=15, pin_memory=DEVICE != "cpu")
     features, logits = [], []
     for x in loader:
         batch_features, batch_logits = head_outputs(model, x.to(DEVICE, non_blocking=True), with_logits=True)
