@@ -372,7 +372,7 @@ def train(
     except ValueError:
         raise FeatcodecError(f"--lambdas must be comma-separated numbers, got '{lambdas}'") from None
     from .backbones import get_backbone
-    from .train import TrainConfig, check_decoder_only, initial_ladder, list_images, train_ladder
+    from .train import TrainConfig, check_decoder_only, initial_ladder, list_images, start_config, train_ladder
 
     spec = get_backbone(backbone)
     split = spec.split(split or spec.default_split).name
@@ -400,15 +400,11 @@ def train(
             hidden_channels=hidden_channels, stride=stride, layers=layers, entropy=entropy or "factorized",
             quant_step=quant_step, refine_blocks=refine_blocks or 0,
         )
-    else:  # the --init-from ladder's BU, with --entropy if given (train checks that this may start from it)
-        from dataclasses import replace
-
+    else:  # the --init-from ladder's BU, with --entropy/--refine-blocks if given (checked below)
         from .ladder import load_ladder
 
         init_ladder = load_ladder(init_from)  # read once: train_ladder starts from this copy
-        bu_config = replace(init_ladder.config, entropy=entropy) if entropy else init_ladder.config
-        if refine_blocks is not None:
-            bu_config = replace(bu_config, refine_blocks=refine_blocks)
+        bu_config = start_config(init_ladder, entropy, refine_blocks)
         initial_ladder(init_ladder, spec.name, split, bu_config, len(lambda_values))  # refuse early, in one line
     entropy = bu_config.entropy
     files = list_images(data)

@@ -342,6 +342,19 @@ def initial_ladder(source, backbone: str, split: str, bu_config: BottleneckConfi
     return ladder
 
 
+def start_config(ladder: Ladder, entropy: str | None = None, refine_blocks: int | None = None) -> BottleneckConfig:
+    """The BU config of a run from ``ladder`` (``--init-from``): the ladder's, with ``entropy`` and
+    ``refine_blocks`` in place of its own where given (:func:`initial_ladder` checks the result)."""
+    from dataclasses import replace
+
+    config = ladder.config
+    if entropy:
+        config = replace(config, entropy=entropy)
+    if refine_blocks is not None:
+        config = replace(config, refine_blocks=refine_blocks)
+    return config
+
+
 def _adds_refine_blocks(start: BottleneckConfig, target: BottleneckConfig) -> bool:
     """True when ``target`` is ``start`` with more refiner blocks (new blocks start as identities)."""
     from dataclasses import replace

@@ -141,12 +141,10 @@ def run_job(args):
 
     init, bu_config = spec.get("init"), None
     if "refine_blocks" in spec:
-        from dataclasses import replace
-
         from featcodec.ladder import load_ladder
 
         init = load_ladder(init)
-        bu_config = replace(init.config, refine_blocks=spec["refine_blocks"])
+        bu_config = train.start_config(init, refine_blocks=spec["refine_blocks"])
     train.train_ladder(config, spec["data"], spec["out"], bu_config, cache_dir=spec["cache"], device=DEVICE,
                        init_from=init, reporter=report)
     print("done", file=log, flush=True)
