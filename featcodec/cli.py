@@ -487,6 +487,10 @@ def evaluate_command(
         False, "--complexity", help="Report parameters, MACs and ms/image (batch 1) of head, BU and tail "
         "instead (needs no --data)."
     ),
+    max_bytes: Optional[str] = typer.Option(
+        None, "--max-bytes", help="Comma-separated record budgets in bytes: for each, also measure every image "
+        "at the highest rung whose record fits, as 'encode --max-bytes' picks it (implies --sweep)."
+    ),
     backbone_weights: Optional[Path] = BACKBONE_WEIGHTS_OPTION,
     random_init: bool = RANDOM_INIT_OPTION,
 ) -> None:
@@ -497,7 +501,8 @@ def evaluate_command(
     model_source = _backbone_source(backbone_weights, random_init)
     if complexity:
         others = {"--data": data is not None, "--sweep": sweep, "--all-splits": all_splits, "--record": record,
-                  "--csv": csv_file is not None, "--plot": plot_file is not None, "--baselines": baselines != "none"}
+                  "--csv": csv_file is not None, "--plot": plot_file is not None, "--baselines": baselines != "none",
+                  "--max-bytes": max_bytes is not None}
         given = [flag for flag, present in others.items() if present]
         if given:
             raise FeatcodecError(f"--complexity is a report of its own: leave out {', '.join(given)}")
@@ -508,6 +513,11 @@ def evaluate_command(
     if all_splits:
         if split is not None or weights is not None or rate is not None:
             raise FeatcodecError("--all-splits sweeps the shipped ladders: leave out --split, --weights and --rate")
+        sweep = True
+    budgets = _parse_budgets(max_bytes) if max_bytes is not None else []
+    if budgets:
+        if rate is not None:
+            raise FeatcodecError("--max-bytes picks a rung per image: leave out --rate")
         sweep = True
     if sweep == (rate is not None):
         raise FeatcodecError("give exactly one of --sweep or --rate K")
@@ -566,7 +576,7 @@ def evaluate_command(
             rates = list(range(codec.num_rates)) if sweep else [rate]
             results.append(
                 evaluate(codec, items, rates, progress=report, baselines=split_methods[codec.split.name],
-                         huffman_ladder=anchors.get(codec.split.name))
+                         huffman_ladder=anchors.get(codec.split.name), max_bytes=budgets)
             )
     if record:
         for codec, result in zip(codecs, results):
@@ -587,6 +597,17 @@ def evaluate_command(
         _print_eval_table(result)
     if as_json:
         print(json.dumps(results if all_splits else results[0]))
+
+
+def _parse_budgets(text: str) -> list[int]:
+    """The byte budgets of ``--max-bytes``: positive integers, comma-separated."""
+    try:
+        budgets = [int(part) for part in text.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        raise FeatcodecError(f"--max-bytes takes positive byte counts, comma-separated (got '{text}')")
+    return budgets
 
 
 def _splits_with_ladders(backbone: str) -> list[str]:
@@ -687,6 +708,12 @@ def _print_eval_table(result: dict) -> None:
     for method, value in result.get("bd_rate", {}).items():
         figure = undefined if value is None else f"{value:+.2f}%"
         console.print(f"BD-rate of featcodec against {method}: {figure}", markup=False)
+    from .bitstream import PREAMBLE
+
+    for choice in result.get("max_bytes", []):
+        used = ", ".join(f"{rate}: {count}" for rate, count in enumerate(choice["rungs"]) if count)
+        console.print(f"--max-bytes {choice['max_bytes']}: images per rung {{{used}}}, largest stream "
+                      f"{choice['largest_stream']} B (record + {len(PREAMBLE)}-byte preamble)", markup=False)
 
 
 def _record_measurements(ladder, method: str, result: dict, data: Path) -> None:

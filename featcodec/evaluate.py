@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -75,8 +75,13 @@ def evaluate(
     progress: Callable[[str, int, int], None] | None = None,
     baselines: Sequence[str] = (),
     huffman_ladder: Ladder | None = None,
+    max_bytes: Sequence[int] = (),
 ) -> dict:
     """Evaluate ``rates`` of ``codec`` and the ``baselines`` (group or method names) on ``items``.
+
+    Each budget of ``max_bytes`` adds a ``featcodec-max-bytes`` point: every image at the highest
+    rung whose record fits the budget, as ``featcodec encode --max-bytes`` picks it (``rates`` must
+    then be every rung); ``result["max_bytes"]`` says how many images took each rung.
 
     The ``huffman-bu`` baseline runs every rung of ``huffman_ladder``, by default the
     shipped ``<split>-huffman-bu`` ladder of the codec's backbone and split.
@@ -90,6 +95,8 @@ def evaluate(
         raise FeatcodecError("no images to evaluate")
     for rate in rates:
         codec.ladder.rung(rate)
+    if max_bytes and list(rates) != list(range(codec.num_rates)):
+        raise FeatcodecError("--max-bytes picks a rung per image: evaluate every rung (--sweep)")
     anchor = _huffman_codec(codec, huffman_ladder) if "huffman-bu" in methods else None
     prep = codec.spec.preprocessing
     split_tensors, sizes, labels, jpeg_files = [], [], [], []
@@ -106,13 +113,20 @@ def evaluate(
     logits = run_batched(codec.model.tail, split_tensors)
     reference = Reference(split_tensors, torch.tensor(labels), logits, prep.crop * prep.crop)
     top1, top5 = accuracy(reference.logits, reference.labels)
-    points = [_ladder_point(codec, rate, sizes, reference, progress) for rate in rates]
+    runs = []
+    for rate in rates:
+        runs.append(run_rung(codec, rate, sizes, reference, progress))
+        if max_bytes and len(runs) == 1:  # refuse an impossible budget before coding the other rungs
+            check_max_bytes(runs[0], max_bytes, f"{codec.spec.name}/{codec.split.name}")
+    points = [_rung_point(run, reference) for run in runs]
+    capped = [max_bytes_point(runs, budget, reference) for budget in max_bytes]
+    points += [point for point, _ in capped]
     if "jpeg" in methods:
         points += jpeg_points(jpeg_files, codec.model, prep, reference, JPEG_QUALITIES, progress)
     points += split_tensor_points([m for m in methods if m in SPLIT_TENSOR_METHODS], codec.model, reference, progress)
     if anchor is not None:
         points += [
-            _ladder_point(anchor, rate, sizes, reference, progress, method="huffman-bu")
+            _rung_point(run_rung(anchor, rate, sizes, reference, progress, "huffman-bu"), reference, "huffman-bu")
             for rate in range(anchor.num_rates)
         ]
     featcodec_curve = _curve(points, "featcodec")
@@ -123,6 +137,7 @@ def evaluate(
         "uncompressed": {"top1": top1, "top5": top5},
         "points": [asdict(point) for point in points],
         "bd_rate": {method: bd_rate(_curve(points, method), featcodec_curve) for method in methods},
+        **({"max_bytes": [choice for _, choice in capped]} if capped else {}),
     }
 
 
@@ -140,17 +155,34 @@ def _curve(points: list[PointResult], method: str) -> list[tuple[float, float]]:
     return [(p.bytes_per_image, p.top1) for p in points if p.method == method]
 
 
-def _ladder_point(
+@dataclass
+class RungRun:
+    """Every image coded at one rung, alone as a one-record stream: per-image figures and the tail's logits."""
+
+    rate: int
+    stream_bytes: list[int]  # the whole one-record stream, preamble included
+    payload_bytes: list[int]
+    squared_errors: list[float]  # the split tensor's mean squared error
+    encode_s: list[float]
+    decode_s: list[float]
+    logits: torch.Tensor  # (images, classes), the tail on the decoded tensors
+
+    @property
+    def record_bytes(self) -> list[int]:
+        """Bytes of each image's record, as ``encode --max-bytes`` counts them (the preamble left out)."""
+        return [size - len(bitstream.PREAMBLE) for size in self.stream_bytes]
+
+
+def run_rung(
     codec: Codec,
     rate: int,
     sizes: list[tuple[int, int]],
     reference: Reference,
     progress: Callable[[str, int, int], None] | None,
     method: str = "featcodec",
-) -> PointResult:
-    """One point for rung ``rate`` of ``codec``'s ladder (featcodec's own, or the huffman-bu anchor's)."""
-    total_bytes = payload = 0
-    encode_s = decode_s = squared_error = 0.0
+) -> RungRun:
+    """Code every image at rung ``rate`` of ``codec``'s ladder (featcodec's own, or the huffman-bu anchor's)."""
+    run = RungRun(rate, [], [], [], [], [], torch.empty(0))
     decoded_tensors = []
     for done, (tensor, size) in enumerate(zip(reference.split_tensors, sizes), 1):
         start = time.perf_counter()
@@ -158,23 +190,68 @@ def _ladder_point(
         stream = bitstream.write_stream([record])
         middle = time.perf_counter()
         decoded = codec.decode_split_tensor(bitstream.read_stream(stream)[0])
-        decode_s += time.perf_counter() - middle
-        encode_s += middle - start
-        total_bytes += len(stream)
-        payload += record.payload_bytes
-        squared_error += torch.mean((decoded - tensor) ** 2).item()
+        run.decode_s.append(time.perf_counter() - middle)
+        run.encode_s.append(middle - start)
+        run.stream_bytes.append(len(stream))
+        run.payload_bytes.append(record.payload_bytes)
+        run.squared_errors.append(torch.mean((decoded - tensor) ** 2).item())
         decoded_tensors.append(decoded)
         if progress:
             progress(f"{'' if method == 'featcodec' else method + ' '}rate {rate}", done, len(sizes))
+    run.logits = run_batched(codec.model.tail, decoded_tensors)
+    return run
+
+
+def _rung_point(run: RungRun, reference: Reference, method: str = "featcodec") -> PointResult:
+    """The point of one rung, from its per-image figures."""
     return summarise(
-        method, f"rate {rate}", rate, reference,
-        logits=run_batched(codec.model.tail, decoded_tensors),
-        total_bytes=total_bytes,
-        payload_bytes=payload,
-        squared_error=squared_error,
-        encode_s=encode_s,
-        decode_s=decode_s,
+        method, f"rate {run.rate}", run.rate, reference,
+        logits=run.logits,
+        total_bytes=sum(run.stream_bytes),
+        payload_bytes=sum(run.payload_bytes),
+        squared_error=sum(run.squared_errors),
+        encode_s=sum(run.encode_s),
+        decode_s=sum(run.decode_s),
     )
+
+
+def check_max_bytes(lowest: RungRun, budgets: Sequence[int], ladder: str = "") -> None:
+    """FeatcodecError if some image's record exceeds a budget even at the lowest rung (of ``ladder``)."""
+    for budget in budgets:
+        over = [size for size in lowest.record_bytes if size > budget]
+        if over:
+            raise FeatcodecError(
+                f"--max-bytes {budget}: {len(over)} of {len(lowest.record_bytes)} images need more even at rate "
+                f"{lowest.rate}{' of ' + ladder if ladder else ''} (the largest record is {max(over)} bytes)"
+            )
+
+
+def max_bytes_point(runs: Sequence[RungRun], budget: int, reference: Reference) -> tuple[PointResult, dict]:
+    """Accuracy when each image takes the highest rung whose record fits in ``budget`` bytes, as
+    ``featcodec encode --max-bytes`` chooses (``runs`` holds every rung, in rate order).
+
+    Returns the point (method ``featcodec-max-bytes``; encode time counts every rung tried, from
+    the top down, as the encoder tries them) and ``{"max_bytes", "rungs" (images per rung),
+    "largest_stream"}``.
+    """
+    check_max_bytes(runs[0], [budget])
+    count = len(reference.labels)
+    chosen = [max(run.rate for run in runs if run.record_bytes[i] <= budget) for i in range(count)]
+    by_rate = {run.rate: run for run in runs}
+    picked = [by_rate[rate] for rate in chosen]
+    tried = [[run for run in runs if run.rate >= rate] for rate in chosen]
+    streams = [run.stream_bytes[i] for i, run in enumerate(picked)]
+    point = summarise(
+        "featcodec-max-bytes", f"max {budget} B", None, reference,
+        logits=torch.stack([run.logits[i] for i, run in enumerate(picked)]),
+        total_bytes=sum(streams),
+        payload_bytes=sum(run.payload_bytes[i] for i, run in enumerate(picked)),
+        squared_error=sum(run.squared_errors[i] for i, run in enumerate(picked)),
+        encode_s=sum(run.encode_s[i] for i, runs_tried in enumerate(tried) for run in runs_tried),
+        decode_s=sum(run.decode_s[i] for i, run in enumerate(picked)),
+    )
+    histogram = [chosen.count(run.rate) for run in runs]
+    return point, {"max_bytes": budget, "rungs": histogram, "largest_stream": max(streams)}
 
 
 def points_csv(*results: dict) -> bytes:

@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 from conftest import CHELSEA, COFFEE, ESPRESSO
+from featcodec import bitstream
 from featcodec.cli import main
 from featcodec.errors import FeatcodecError
 from featcodec.evaluate import evaluate, labelled_images
@@ -41,6 +42,33 @@ def test_evaluate_sweep_figures(codec, labelled_folder):
         assert point["bytes_per_image"] == pytest.approx(sum(streams) / 2)
         assert point["bpp"] == pytest.approx(8 * point["bytes_per_image"] / 224**2)
         assert 0 <= point["top1"] <= point["top5"] <= 1 and 0 <= point["agreement"] <= 1
+
+
+def test_evaluate_max_bytes_picks_each_rung_as_the_encoder_does(codec, labelled_folder):
+    items = labelled_images(labelled_folder)
+    paths = [path for path, _ in items]
+    record_sizes = sorted({bitstream.parse_stream(codec.encode([path], rate=r))[0].size
+                          for path in paths for r in range(codec.num_rates)})
+    budgets = [record_sizes[len(record_sizes) // 2], record_sizes[-1]]
+    rates = list(range(codec.num_rates))
+    result = evaluate(codec, items, rates, max_bytes=budgets)
+    capped = [p for p in result["points"] if p["method"] == "featcodec-max-bytes"]
+    assert [p["setting"] for p in capped] == [f"max {b} B" for b in budgets] and all(p["rate"] is None for p in capped)
+    for budget, point, choice in zip(budgets, capped, result["max_bytes"]):
+        encoded = [codec.encode_within([path], budget) for path in paths]  # the encoder's own choice
+        chosen = [rung for _, (rung,) in encoded]
+        assert choice["rungs"] == [chosen.count(rate) for rate in rates] and choice["max_bytes"] == budget
+        streams = [len(data) for data, _ in encoded]
+        assert point["bytes_per_image"] == pytest.approx(sum(streams) / len(streams))
+        assert choice["largest_stream"] == max(streams) <= budget + len(bitstream.PREAMBLE)
+        by_rate = {p["rate"]: p for p in result["points"] if p["method"] == "featcodec"}
+        if len(set(chosen)) == 1:  # one rung for every image: that rung's figures
+            assert point["top1"] == by_rate[chosen[0]]["top1"] and point["mse"] == pytest.approx(by_rate[chosen[0]]["mse"])
+    assert capped[-1]["bytes_per_image"] == result["points"][-len(budgets) - 1]["bytes_per_image"]  # all at the top
+    with pytest.raises(FeatcodecError, match="need more even at rate 0 of efficientnet_lite0/stage3"):
+        evaluate(codec, items, rates, max_bytes=[record_sizes[0] - 1])
+    with pytest.raises(FeatcodecError, match="evaluate every rung"):
+        evaluate(codec, items, [0], max_bytes=budgets)
 
 
 def test_eval_cli_json_and_record(labelled_folder, stage3_weights, tmp_path, capsys):
@@ -111,6 +139,9 @@ def test_eval_cli_baselines_csv_plot(labelled_folder, stage3_weights, tmp_path, 
         (["--baselines", "webp"], "unknown baseline 'webp'"),
         (["--baselines", "none,jpeg"], "cannot be combined"),
         (["--plot", "curve.svg"], "give a .png file name"),
+        (["--max-bytes", "200,x"], "--max-bytes takes positive byte counts"),
+        (["--max-bytes", "0"], "--max-bytes takes positive byte counts"),
+        (["--max-bytes", "200"], "--max-bytes picks a rung per image: leave out --rate"),
     ],
 )
 def test_eval_cli_bad_options(labelled_folder, stage3_weights, args, message, capsys):
@@ -173,3 +204,18 @@ def test_record_says_whether_the_weights_tag_changed(tmp_path, capsys):
     second = capsys.readouterr().err
     assert "new weights tag" in first
     assert "weights tag unchanged" in second and path.read_bytes() == before
+
+
+def test_eval_cli_max_bytes_implies_sweep(labelled_folder, stage3_weights, capsys):
+    code = main(["eval", "--data", str(labelled_folder), "--weights", str(stage3_weights), "--max-bytes", "100000",
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    rungs = [p["rate"] for p in result["points"] if p["method"] == "featcodec"]
+    assert rungs == list(range(len(rungs))) and len(rungs) > 1  # every rung, as with --sweep
+    assert result["max_bytes"] == [{"max_bytes": 100000, "rungs": [0] * (len(rungs) - 1) + [2],
+                                    "largest_stream": result["max_bytes"][0]["largest_stream"]}]
+    assert "--max-bytes 100000: images per rung {" in captured.err
+    assert main(["eval", "--complexity", "--max-bytes", "200"]) == 2
+    assert "leave out --max-bytes" in capsys.readouterr().err
