@@ -113,12 +113,14 @@ def evaluate(
     logits = run_batched(codec.model.tail, split_tensors)
     reference = Reference(split_tensors, torch.tensor(labels), logits, prep.crop * prep.crop)
     top1, top5 = accuracy(reference.logits, reference.labels)
-    runs = []
+    points, runs = [], []  # runs: every rung's per-image figures, kept only for --max-bytes
     for rate in rates:
-        runs.append(run_rung(codec, rate, sizes, reference, progress))
-        if max_bytes and len(runs) == 1:  # refuse an impossible budget before coding the other rungs
-            check_max_bytes(runs[0], max_bytes, f"{codec.spec.name}/{codec.split.name}")
-    points = [_rung_point(run, reference) for run in runs]
+        run = run_rung(codec, rate, sizes, reference, progress)
+        points.append(_rung_point(run, reference))
+        if max_bytes:
+            runs.append(run)
+            if len(runs) == 1:  # refuse an impossible budget before coding the other rungs
+                check_max_bytes(run, max_bytes, f"{codec.spec.name}/{codec.split.name}")
     capped = [max_bytes_point(runs, budget, reference) for budget in max_bytes]
     points += [point for point, _ in capped]
     if "jpeg" in methods:
