@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from featcodec.backbones import get_backbone, load_split_model
+from holdout_probe import holdout_set
+
+from featcodec.backbones import load_split_model
 from featcodec.bottleneck import HyperpriorBottleneckUnit
-from featcodec.images import load_image, preprocess
 from featcodec.ladder import find_ladder, load_ladder
 from featcodec.train import list_images
 
@@ -121,10 +122,7 @@ def main() -> None:
     if not isinstance(unit, HyperpriorBottleneckUnit):
         raise SystemExit(f"rate {args.rate} is not a hyperprior rung")
     train_symbols, train_scales, _ = symbols_and_scales(unit, load_file(args.cache)["features"])
-    model = load_split_model(backbone, args.split)
-    prep = get_backbone(backbone).preprocessing
-    with torch.no_grad():
-        features = torch.cat([model.head(preprocess(load_image(p), prep).unsqueeze(0)) for p in list_images(args.data)])
+    features, _ = holdout_set(load_split_model(backbone, args.split), backbone, list_images(args.data))
     symbols, scales, side_bits = symbols_and_scales(unit, features)
     probe = ScaleContext(unit.config.latent_channels, args.slices, args.checkerboard, args.width)
     optimizer = torch.optim.Adam(probe.parameters(), lr=args.lr)

@@ -25,24 +25,7 @@ import numpy as np
 import torch
 
 from featcodec.codec import Codec
-from featcodec.evaluate import labelled_images, max_bytes_point, run_rung
-from featcodec.images import crop_image, load_image, normalise
-from featcodec.metrics import Reference
-from featcodec.baselines import run_batched
-
-
-@torch.no_grad()
-def code_every_rung(codec: Codec, items) -> tuple[Reference, list]:
-    """The reference (split tensors, labels, uncompressed logits) and one RungRun per rung."""
-    prep = codec.spec.preprocessing
-    tensors, sizes = [], []
-    for path, _ in items:
-        image = load_image(path)
-        tensors.append(codec.model.head(normalise(crop_image(image, prep), prep).unsqueeze(0)))
-        sizes.append(image.size)
-    labels = torch.tensor([label for _, label in items])
-    reference = Reference(tensors, labels, run_batched(codec.model.tail, tensors), prep.crop * prep.crop)
-    return reference, [run_rung(codec, rate, sizes, reference, None) for rate in range(codec.num_rates)]
+from featcodec.evaluate import labelled_images, max_bytes_point, reference_set, run_rung
 
 
 def main() -> None:
@@ -58,7 +41,8 @@ def main() -> None:
     torch.set_num_threads(1)
     codec = Codec.load("efficientnet_lite0", args.split, weights=args.weights)
     items = labelled_images(args.data)[: args.limit]
-    reference, runs = code_every_rung(codec, items)
+    reference, sizes, _ = reference_set(codec, items)
+    runs = [run_rung(codec, rate, sizes, reference, None) for rate in range(codec.num_rates)]
     labels = reference.labels.numpy()
     stream = np.array([run.stream_bytes for run in runs], dtype=float)  # (rungs, images)
     correct = np.array([(run.logits.argmax(-1).numpy() == labels) for run in runs])

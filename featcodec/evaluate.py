@@ -99,19 +99,7 @@ def evaluate(
         raise FeatcodecError("--max-bytes picks a rung per image: evaluate every rung (--sweep)")
     anchor = _huffman_codec(codec, huffman_ladder) if "huffman-bu" in methods else None
     prep = codec.spec.preprocessing
-    split_tensors, sizes, labels, jpeg_files = [], [], [], []
-    for done, (path, label) in enumerate(items, 1):
-        image = load_image(path)
-        crop = crop_image(image, prep)
-        split_tensors.append(codec.model.head(normalise(crop, prep).unsqueeze(0)))
-        sizes.append(image.size)
-        labels.append(label)
-        if "jpeg" in methods:
-            jpeg_files.append(jpeg_encode_all(crop, JPEG_QUALITIES))
-        if progress:
-            progress("head", done, len(items))
-    logits = run_batched(codec.model.tail, split_tensors)
-    reference = Reference(split_tensors, torch.tensor(labels), logits, prep.crop * prep.crop)
+    reference, sizes, jpeg_files = reference_set(codec, items, progress, JPEG_QUALITIES if "jpeg" in methods else ())
     top1, top5 = accuracy(reference.logits, reference.labels)
     points, runs = [], []  # runs: every rung's per-image figures, kept only for --max-bytes
     for rate in rates:
@@ -141,6 +129,32 @@ def evaluate(
         "bd_rate": {method: bd_rate(_curve(points, method), featcodec_curve) for method in methods},
         **({"max_bytes": [choice for _, choice in capped]} if capped else {}),
     }
+
+
+@torch.no_grad()
+def reference_set(
+    codec: Codec,
+    items: list[tuple[Path, int]],
+    progress: Callable[[str, int, int], None] | None = None,
+    jpeg_qualities: Sequence[int] = (),
+) -> tuple[Reference, list[tuple[int, int]], list]:
+    """The head once per image: the :class:`Reference` (split tensors, labels, the uncompressed
+    logits), each original image's size, and per image the JPEG files of the crop the model sees
+    at ``jpeg_qualities`` (an empty list when none are given)."""
+    prep = codec.spec.preprocessing
+    split_tensors, sizes, labels, jpeg_files = [], [], [], []
+    for done, (path, label) in enumerate(items, 1):
+        image = load_image(path)
+        crop = crop_image(image, prep)
+        split_tensors.append(codec.model.head(normalise(crop, prep).unsqueeze(0)))
+        sizes.append(image.size)
+        labels.append(label)
+        if jpeg_qualities:
+            jpeg_files.append(jpeg_encode_all(crop, jpeg_qualities))
+        if progress:
+            progress("head", done, len(items))
+    logits = run_batched(codec.model.tail, split_tensors)
+    return Reference(split_tensors, torch.tensor(labels), logits, prep.crop * prep.crop), sizes, jpeg_files
 
 
 def _huffman_codec(codec: Codec, ladder: Ladder | None) -> Codec:
@@ -237,8 +251,9 @@ def max_bytes_point(runs: Sequence[RungRun], budget: int, reference: Reference) 
     "largest_stream"}``.
     """
     check_max_bytes(runs[0], [budget])
+    records = {run.rate: run.record_bytes for run in runs}  # computed once per rung, not per image
     count = len(reference.labels)
-    chosen = [max(run.rate for run in runs if run.record_bytes[i] <= budget) for i in range(count)]
+    chosen = [max(rate for rate, sizes in records.items() if sizes[i] <= budget) for i in range(count)]
     by_rate = {run.rate: run for run in runs}
     picked = [by_rate[rate] for rate in chosen]
     tried = [[run for run in runs if run.rate >= rate] for rate in chosen]
