@@ -97,11 +97,7 @@ def search_latents(unit, tail, split_tensors: torch.Tensor, teacher_logits: torc
 def code_and_decode(codec: Codec, rate: int, latents: torch.Tensor, size: tuple[int, int]) -> tuple[int, int]:
     """(stream bytes, top-1 label) of one image whose latent is ``latents`` (1, C, h, w), through an
     ordinary one-record stream and the codec's decoder."""
-    coded = codec.ladder.rung(rate).compress_latent(latents)
-    record = bitstream.Record(
-        backbone_id=codec.spec.id, split_id=codec.split.id, rate=rate, weights_tag=codec.ladder.weights_tag,
-        image_size=size, latent_shape=tuple(coded["shape"]), strings=tuple(s[0] for s in coded["strings"]),
-    )
+    record = codec.make_record(codec.ladder.rung(rate).compress_latent(latents), rate, size)
     stream = bitstream.write_stream([record])
     return len(stream), int(codec.decode(stream)[0].logits.argmax())
 

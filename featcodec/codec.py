@@ -122,7 +122,10 @@ class Codec:
     @torch.no_grad()
     def encode_split_tensor(self, split_tensor: torch.Tensor, rate: int, image_size: tuple[int, int]) -> Record:
         """Code one split tensor (1, C, H, W) at rung ``rate`` into a record."""
-        coded = self.ladder.rung(rate).compress(split_tensor)
+        return self.make_record(self.ladder.rung(rate).compress(split_tensor), rate, image_size)
+
+    def make_record(self, coded: dict, rate: int, image_size: tuple[int, int]) -> Record:
+        """The record of one image from rung ``rate``'s ``compress`` (or ``compress_latent``) output."""
         return Record(
             backbone_id=self.spec.id,
             split_id=self.split.id,
