@@ -20,8 +20,8 @@ stream).
 
 With ``kd`` the search runs the frozen tail and needs the uncompressed model's logits, that is,
 the whole model on the client: a client that has them already knows the class. So this is not a
-way to code; it bounds what a better encoder could reach with the rung's decoder, and separates
-the encoder's limits from the decoder's. ``mse`` and ``own`` need only the head and the BU
+way to code; it shows what the rung's decoder gives when fed better latents (at least: the search
+is short), and so separates the encoder's limits from the decoder's. ``mse`` and ``own`` need only the head and the BU
 decoder, which a client could run. As run for the notes of issue 3:
 
     python benchmarks/latent_probe.py --data ../shared/data/val --split stage3 --rate 3 --lambdas 0,300,1000
