@@ -22,9 +22,13 @@ With ``kd`` the search runs the frozen tail and needs the uncompressed model's l
 the whole model on the client: a client that has them already knows the class. So this is not a
 way to code; it shows what the rung's decoder gives when fed better latents (at least: the search
 is short), and so separates the encoder's limits from the decoder's. ``mse`` and ``own`` need only the head and the BU
-decoder, which a client could run. As run for the notes of issue 3:
+decoder, which a client could run. ``top1_noisy`` is the top-1 of the same decoded tensors with
+Gaussian noise added (0.3 of their standard deviation) before the tail, beside that of the
+uncompressed split tensors under the same noise: a searched latent whose gain were adversarial, a
+fragile pattern that only fools the tail, would lose it there. As run for the notes of issue 3:
 
     python benchmarks/latent_probe.py --data ../shared/data/val --split stage3 --rate 3 --lambdas 0,300,1000
+    python benchmarks/latent_probe.py --data ../shared/data/val --rate 3 --every 5 --lambdas 0,300
     python benchmarks/latent_probe.py --data ../shared/data/val --rate 3 --every 5 --lr 0.02 \
         --distortion mse --lambdas 0,300,30000
     python benchmarks/latent_probe.py --data ../shared/data/val --rate 3 --every 5 --lr 0.02 \
@@ -50,6 +54,7 @@ from featcodec.evaluate import labelled_images, reference_set
 from featcodec.metrics import accuracy
 
 BATCH = 50
+NOISE = 0.3  # noisy_top1's noise, relative to the tensors' standard deviation
 
 
 def rounded_bits(unit: HyperpriorBottleneckUnit, y: torch.Tensor) -> torch.Tensor:
@@ -98,12 +103,24 @@ def search_latents(unit, tail, split_tensors: torch.Tensor, teacher_logits: torc
 
 
 @torch.no_grad()
-def code_and_decode(codec: Codec, rate: int, latents: torch.Tensor, size: tuple[int, int]) -> tuple[int, int]:
-    """(stream bytes, top-1 label) of one image whose latent is ``latents`` (1, C, h, w), through an
-    ordinary one-record stream and the codec's decoder."""
+def code_and_decode(codec: Codec, rate: int, latents: torch.Tensor,
+                    size: tuple[int, int]) -> tuple[int, int, torch.Tensor]:
+    """(stream bytes, top-1 label, rebuilt split tensor) of one image whose latent is ``latents``
+    (1, C, h, w), through an ordinary one-record stream and the codec's decoder."""
     record = codec.make_record(codec.ladder.rung(rate).compress_latent(latents), rate, size)
     stream = bitstream.write_stream([record])
-    return len(stream), int(codec.decode(stream)[0].logits.argmax())
+    decoded = codec.decode(stream)[0]
+    return len(stream), int(decoded.logits.argmax()), decoded.features
+
+
+@torch.no_grad()
+def noisy_top1(tail, split_tensors: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 of the tail on ``split_tensors`` plus Gaussian noise of 0.3 times their standard deviation
+    (fixed seed): latents that only fooled the tail (adversarial-like) would lose their gain here."""
+    generator = torch.Generator().manual_seed(1)
+    noisy = split_tensors + NOISE * split_tensors.std() * torch.randn(split_tensors.shape, generator=generator)
+    predictions = torch.cat([tail(noisy[i : i + BATCH]).argmax(-1) for i in range(0, len(noisy), BATCH)])
+    return 100 * (predictions == labels).float().mean().item()
 
 
 def main() -> None:
@@ -132,7 +149,7 @@ def main() -> None:
     uncompressed_top1, _ = accuracy(reference.logits, reference.labels)
     for lam in [float(value) for value in args.lambdas.split(",")]:
         started = time.perf_counter()
-        total_bytes, correct, agree = 0, 0, 0
+        total_bytes, correct, agree, rebuilt = 0, 0, 0, []
         for start in range(0, len(items), BATCH):
             batch = slice(start, start + BATCH)
             if lam > 0:
@@ -143,7 +160,8 @@ def main() -> None:
                     latents = unit.g_a(split_tensors[batch])
             for offset, latent in enumerate(latents):
                 index = start + offset
-                size, label = code_and_decode(codec, args.rate, latent.unsqueeze(0), tuple(sizes[index]))
+                size, label, features = code_and_decode(codec, args.rate, latent.unsqueeze(0), tuple(sizes[index]))
+                rebuilt.append(features)
                 total_bytes += size
                 correct += label == int(reference.labels[index])
                 agree += label == int(teacher_top1[index])
@@ -152,6 +170,8 @@ def main() -> None:
             "rate": args.rate, "distortion": args.distortion, "lambda": lam, "steps": args.steps if lam > 0 else 0, "images": count,
             "bytes_per_image": round(total_bytes / count, 1), "top1": round(100 * correct / count, 2),
             "agreement": round(100 * agree / count, 2), "uncompressed_top1": round(100 * uncompressed_top1, 2),
+            "top1_noisy": round(noisy_top1(codec.model.tail, torch.stack(rebuilt), reference.labels), 2),
+            "uncompressed_top1_noisy": round(noisy_top1(codec.model.tail, split_tensors, reference.labels), 2),
             "seconds": round(time.perf_counter() - started, 1),
         }), flush=True)
 
