@@ -322,10 +322,6 @@ def train(
         0.0, "--mixup", min=0.0, help="Blend every view after the first with another image's view, weight ~ "
         "Beta(a, a); the teacher sees the same blend (0: off)."
     ),
-    feature_mixup: float = typer.Option(
-        0.0, "--feature-mixup", min=0.0, help="At every step, blend the batch's split tensors pairwise, weight ~ "
-        "Beta(a, a), and recompute the teacher on the blends (0: off)."
-    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Default: weights/<backbone>/<split>.safetensors"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the feature cache is kept."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
@@ -385,7 +381,7 @@ def train(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
         pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda, kd_weight=kd_weight, mixup=mixup,
-        feature_mixup=feature_mixup, rounded_decoder_input=rounded_decoder_input, decoder_only=decoder_only,
+        rounded_decoder_input=rounded_decoder_input, decoder_only=decoder_only,
     )
     config.validate()
     check_decoder_only(config, init_from)  # before torchrun starts, in one line

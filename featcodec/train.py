@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,7 +53,6 @@ class TrainConfig:
     aux_learning_rate: float = 1e-3
     views: int = 4  # augmented views per image in the feature cache
     mixup: float = 0.0  # Beta(a, a) mixup of views 2..N with another image's view (0: off)
-    feature_mixup: float = 0.0  # Beta(a, a) blend of each batch's split tensors at every step, teacher recomputed (0: off)
     seed: int = 0
     checkpoint_every: int = 250
     kd_temperature: float = 1.0
@@ -77,8 +75,6 @@ class TrainConfig:
             raise TrainError("steps, batch size and views must be positive")
         if not (self.mixup >= 0 and math.isfinite(self.mixup)):
             raise TrainError(f"mixup must be a non-negative number, got {self.mixup}")
-        if not (self.feature_mixup >= 0 and math.isfinite(self.feature_mixup)):
-            raise TrainError(f"feature mixup must be a non-negative number, got {self.feature_mixup}")
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -239,25 +235,6 @@ def distortion(
         ) * temperature**2
     terms["total"] = sum(terms.values())
     return terms
-
-
-def feature_mixup(x: torch.Tensor, tail: torch.nn.Module | None, alpha: float,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Blend each split tensor of the batch with another of the same batch, weight ~ Beta(alpha, alpha),
-    and the teacher logits of the blends from the frozen tail (None without a tail).
-
-    Unlike ``--mixup``, which blends images once when the cache is built, this draws new blends at
-    every step, so the BU never sees the same input twice; the teacher stays consistent with the
-    input because it is recomputed on the blend."""
-    partner = torch.randperm(len(x), generator=generator).to(x.device)
-    seed = int(torch.randint(2**31, (1,), generator=generator))  # the step's generator fixes the weights too
-    weight = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, len(x)))
-    weight = weight.to(x.device, x.dtype).view(-1, 1, 1, 1)
-    blended = weight * x + (1 - weight) * x[partner]
-    if tail is None:
-        return blended, None
-    with torch.no_grad():
-        return blended, tail(blended).float()
 
 
 def _optimizers(unit: torch.nn.Module, config: TrainConfig):
@@ -583,8 +560,6 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             index = index.to(device)
             x = device_features[index].float()
             teacher = device_logits[index].float() if device_logits is not None else None
-            if config.feature_mixup:
-                x, teacher = feature_mixup(x, tail, config.feature_mixup, generator)
             kind = config.distortion
             stats = _train_step(unit, opt, aux_opt, x, teacher, lam, _learning_rate(config, step), kind, tail, config,
                                 forward, context)
@@ -620,8 +595,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
         extra={
             "training": {
                 "data": f"{len(files)} images under {Path(data).name}/, {config.views} augmented views each"
-                + (f", mixup {config.mixup:g}" if config.mixup else "")
-                + (f", feature mixup {config.feature_mixup:g} at every step" if config.feature_mixup else ""),
+                + (f", mixup {config.mixup:g}" if config.mixup else ""),
                 "batch_size": config.batch_size,
                 "seconds": round(elapsed + (initial.extra.get("training", {}).get("seconds", 0) if initial else 0), 1),
                 **({"init_from": initial.path.name} if initial and initial.path else {}),
