@@ -20,7 +20,7 @@ run for the notes of issue 3 (docs/experiments.md):
     python benchmarks/encoder_fit_probe.py --bits noise --steps 200
     python benchmarks/encoder_fit_probe.py --bits noise --steps 200 --extra 2
     python benchmarks/encoder_fit_probe.py --bits rounded --steps 200
-    python benchmarks/encoder_fit_probe.py --split stage5 --bits noise --steps 200
+    python benchmarks/encoder_fit_probe.py --split stage5 --bits noise --steps 200 --fit-every N  # N = 30, 10, 3
 """
 
 from __future__ import annotations
