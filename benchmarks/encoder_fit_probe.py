@@ -14,8 +14,8 @@ real streams decoded by the codec:
 
 ``--bits noise`` takes the rate of the training pass (additive uniform noise, as ``featcodec
 train``), ``--bits rounded`` that of the rounded values (the rounding passed straight through,
-as the search). ``--extra N`` puts N residual blocks, initialised to the identity, before g_a. As
-run for the notes of issue 3 (docs/experiments.md):
+as the search). ``--extra N`` puts N of the refiner's residual blocks (width 128, initialised to the
+identity) before g_a. As run for the notes of issue 3 (docs/experiments.md):
 
     python benchmarks/encoder_fit_probe.py --bits noise --steps 200
     python benchmarks/encoder_fit_probe.py --bits noise --steps 200 --extra 2
@@ -36,25 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from compressai.ops import quantize_ste
 
-from featcodec.bottleneck import HyperpriorBottleneckUnit
+from featcodec.bottleneck import HyperpriorBottleneckUnit, ResidualBlock
 from featcodec.codec import Codec
 from featcodec.evaluate import labelled_images, reference_set
 from featcodec.train import list_images
 from latent_probe import code_and_decode, rounded_bits
-
-
-class IdentityResidual(nn.Module):
-    """x + conv(relu(conv(x))), the second conv zero-initialised: the identity at the start."""
-
-    def __init__(self, channels: int, hidden: int = 128):
-        super().__init__()
-        self.inner = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.outer = nn.Conv2d(hidden, channels, 3, padding=1)
-        nn.init.zeros_(self.outer.weight)
-        nn.init.zeros_(self.outer.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.outer(F.relu(self.inner(x)))
 
 
 def image_set(codec: Codec, items: list) -> dict:
@@ -104,7 +90,7 @@ def main() -> None:
         parameter.requires_grad_(False)
     fit = image_set(codec, [(path, 0) for path in list_images(args.train_data)[:: args.fit_every]])
     held = image_set(codec, labelled_images(args.val_data)[:: args.held_every])
-    unit.g_a = nn.Sequential(*[IdentityResidual(fit["x"].shape[1]) for _ in range(args.extra)], unit.g_a)
+    unit.g_a = nn.Sequential(*[ResidualBlock(fit["x"].shape[1], 128) for _ in range(args.extra)], unit.g_a)
     trained = [*unit.g_a.parameters(), *unit.h_a.parameters()]
     for parameter in trained:
         parameter.requires_grad_(True)
