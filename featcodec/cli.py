@@ -314,6 +314,10 @@ def train(
     kd_weight: float = typer.Option(
         1.0, "--kd-weight", min=0.0, help="Weight of the kd term against mse in mse+kd."
     ),
+    penultimate_weight: float = typer.Option(
+        0.0, "--penultimate-weight", min=0.0, help="Add this times the MSE between the tail's penultimate "
+        "features (the input of its last linear layer) of the rebuilt and the original split tensor (0: off)."
+    ),
     steps: int = typer.Option(2000, "--steps", min=1, help="Training steps per rung."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     learning_rate: float = typer.Option(1e-3, "--lr", min=0.0),
@@ -381,7 +385,7 @@ def train(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
         pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda, kd_weight=kd_weight, mixup=mixup,
-        rounded_decoder_input=rounded_decoder_input, decoder_only=decoder_only,
+        penultimate_weight=penultimate_weight, rounded_decoder_input=rounded_decoder_input, decoder_only=decoder_only,
     )
     config.validate()
     check_decoder_only(config, init_from)  # before torchrun starts, in one line
@@ -436,7 +440,7 @@ def train(
                     _say(f"feature cache: {event['total']} views")
                 return
             status = f"loss {event['loss']:.1f} bits {event['bits']:.0f} " + " ".join(
-                f"{k} {event[k]:.4g}" for k in ("mse", "kd") if k in event
+                f"{k} {event[k]:.4g}" for k in ("mse", "kd", "penultimate") if k in event
             )
             description = "pretrain" if event["rung"] == "pre" else f"rung {event['rung']}"
             progress.update(task, description=description, completed=event["step"], total=event["steps"], status=status)

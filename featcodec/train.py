@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     kd_temperature: float = 1.0
     kd_weight: float = 1.0  # weight of the kd term relative to mse in "mse+kd"
+    penultimate_weight: float = 0.0  # adds this times the MSE of the tail's penultimate features (0: off)
     warm_start: bool = False  # start rung k from rung k-1's weights instead of from scratch
     pretrain_steps: int = 0  # mse-only steps that initialise the rungs (cheap; helps kd converge)
     pretrain_lambda: float = 1000.0
@@ -75,6 +76,8 @@ class TrainConfig:
             raise TrainError("steps, batch size and views must be positive")
         if not (self.mixup >= 0 and math.isfinite(self.mixup)):
             raise TrainError(f"mixup must be a non-negative number, got {self.mixup}")
+        if not (self.penultimate_weight >= 0 and math.isfinite(self.penultimate_weight)):
+            raise TrainError(f"the penultimate weight must be a non-negative number, got {self.penultimate_weight}")
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -214,6 +217,19 @@ def load_or_build_cache(
     return cache
 
 
+def tail_outputs(tail: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tail's logits for ``x`` and its penultimate features: the input of its last linear layer
+    (the pooled features the classifier sees)."""
+    last = [module for module in tail.modules() if isinstance(module, torch.nn.Linear)][-1]
+    captured = []
+    handle = last.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        logits = tail(x)
+    finally:
+        handle.remove()
+    return logits, captured[-1]
+
+
 def distortion(
     kind: str,
     x: torch.Tensor,
@@ -222,17 +238,25 @@ def distortion(
     tail: torch.nn.Module | None,
     temperature: float = 1.0,
     kd_weight: float = 1.0,
+    penultimate_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """The distortion terms: ``mse`` of the split tensor and/or ``kd`` through the frozen tail."""
+    """The distortion terms: ``mse`` of the split tensor and/or ``kd`` through the frozen tail, plus,
+    with ``penultimate_weight``, the MSE of the tail's penultimate features (``x``'s as the target)."""
     terms = {}
     if "mse" in kind:
         terms["mse"] = F.mse_loss(x_hat, x)
+    if "kd" in kind or penultimate_weight:
+        student_logits, student_features = tail_outputs(tail, x_hat)
     if "kd" in kind:
-        student = tail(x_hat) / temperature
+        student = student_logits / temperature
         teacher = teacher_logits / temperature
         terms["kd"] = kd_weight * F.kl_div(
             F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean"
         ) * temperature**2
+    if penultimate_weight:
+        with torch.no_grad():
+            target = tail_outputs(tail, x)[1]
+        terms["penultimate"] = penultimate_weight * F.mse_loss(student_features, target)
     terms["total"] = sum(terms.values())
     return terms
 
@@ -288,7 +312,8 @@ def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, for
         group["lr"] = lr
     output = (forward or unit)(x, rounded_decoder_input=config.rounded_decoder_input or config.decoder_only)
     bits = output["bits"]
-    terms = distortion(kind, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight)
+    terms = distortion(kind, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight,
+                       config.penultimate_weight)
     loss = bits + lam * terms["total"]
     opt.zero_grad()
     loss.backward()
@@ -379,6 +404,8 @@ def _decoder_only_info(config: TrainConfig, start: dict) -> dict:
     info["decoder_distortion"] = config.distortion
     if config.distortion == "mse+kd":
         info["decoder_kd_weight"] = config.kd_weight
+    if config.penultimate_weight:
+        info["decoder_penultimate_weight"] = config.penultimate_weight
     info["decoder_input"] = "rounded"
     return info
 
@@ -529,7 +556,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             unit.load_state_dict({k.split(".", 1)[1]: v for k, v in resumed.items() if k.startswith(f"done{index}.")})
             finished.append(unit)
 
-    tail = model.tail if "kd" in config.distortion else None
+    tail = model.tail if "kd" in config.distortion or config.penultimate_weight else None
     init_state = None
     for rung in range(first_rung, len(config.lambdas)):
         lam = config.lambdas[rung]
@@ -588,6 +615,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 "steps": config.steps + (initial.rung_info[k].get("steps", 0) if initial else 0),
                 "distortion": config.distortion,
                 **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
+                **({"penultimate_weight": config.penultimate_weight} if config.penultimate_weight else {}),
                 **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
             }
             for k, lam in enumerate(config.lambdas)

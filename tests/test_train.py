@@ -106,7 +106,8 @@ def test_larger_lambda_gives_more_bits_and_less_distortion(image_folder, tmp_pat
 @pytest.mark.parametrize(
     "changes,message",
     [({"lambdas": [1.0, -2.0]}, "positive"), ({"lambdas": []}, "at least one"), ({"distortion": "l1"}, "unknown distortion"),
-     ({"mixup": -1.0}, "mixup"), ({"mixup": float("nan")}, "mixup")],
+     ({"mixup": -1.0}, "mixup"), ({"mixup": float("nan")}, "mixup"),
+     ({"penultimate_weight": -1.0}, "penultimate"), ({"penultimate_weight": float("inf")}, "penultimate")],
 )
 def test_bad_training_settings(changes, message, image_folder, tmp_path):
     with pytest.raises(TrainError, match=message):
@@ -154,6 +155,9 @@ def test_train_cli_writes_a_ladder_and_reports_bad_settings(image_folder, tmp_pa
     assert "wrote 2-rung ladder" in capsys.readouterr().err
     assert main(args + ["--rounded-decoder-input"]) == 0, capsys.readouterr().err
     assert [info.get("decoder_input") for info in load_ladder(out).rung_info] == ["rounded", "rounded"]
+    assert main(args + ["--penultimate-weight", "2"]) == 0
+    assert "penultimate " in capsys.readouterr().err  # the term's value on the progress line
+    assert [info["penultimate_weight"] for info in load_ladder(out).rung_info] == [2.0, 2.0]
     refined = tmp_path / "refined.safetensors"
     refine = ["--init-from", str(out), "--refine-blocks", "1", "--decoder-only", "--distortion", "kd"]
     assert main(args[:-4] + refine + ["--out", str(refined), "--cache-dir", str(tmp_path / "c")]) == 0
@@ -167,6 +171,7 @@ def test_train_cli_writes_a_ladder_and_reports_bad_settings(image_folder, tmp_pa
         (["--split", "stage9"], "unknown split"),
         (["--distortion", "l1"], "unknown distortion"),
         (["--mixup", "-0.5"], "--mixup"),
+        (["--penultimate-weight", "-1"], "--penultimate-weight"),
         (["--data", str(tmp_path / "nothing")], "not found"),
     ]:
         assert main(args + bad) == 2
@@ -261,3 +266,47 @@ def test_decoder_only_run_adds_a_refiner_and_keeps_every_stream(image_folder, tm
     with pytest.raises(TrainError, match="--init-from"):
         train_ladder(tiny_config(decoder_only=True), image_folder, tmp_path / "x.safetensors", refined_bu,
                      cache_dir=cache)
+
+
+def split_shape(backbone, split):
+    from featcodec.backbones import get_backbone
+
+    return get_backbone(backbone).split(split).shape
+
+
+@pytest.mark.parametrize("backbone,split,width", [("efficientnet_lite0", "stage5", 1280), ("resnet50", "layer3.4", 2048)])
+def test_penultimate_term_compares_the_features_the_classifier_sees(backbone, split, width):
+    from featcodec.backbones import load_split_model
+    from featcodec.train import distortion, tail_outputs
+
+    torch.manual_seed(0)
+    tail = load_split_model(backbone, split, random_init=backbone != "efficientnet_lite0").tail
+    x = torch.randn(2, *split_shape(backbone, split))
+    with torch.no_grad():
+        logits, features = tail_outputs(tail, x)
+        assert features.shape == (2, width)
+        assert torch.allclose(logits, tail(x), atol=1e-5)
+        last = [m for m in tail.modules() if isinstance(m, torch.nn.Linear)][-1]
+        assert torch.allclose(last(features), logits, atol=1e-4)
+        teacher = tail(x)
+    assert "penultimate" not in distortion("mse", x, x + 0.1, teacher, tail)
+    assert distortion("mse", x, x.clone(), teacher, tail, penultimate_weight=5.0)["penultimate"].item() == 0.0
+    x_hat = (x + 0.5 * torch.randn_like(x)).requires_grad_()
+    terms = distortion("mse+kd", x, x_hat, teacher, tail, penultimate_weight=5.0)
+    with torch.no_grad():
+        expected = 5.0 * torch.mean((tail_outputs(tail, x_hat)[1] - features) ** 2)
+    assert terms["penultimate"].item() == pytest.approx(expected.item(), rel=1e-4) and expected > 0
+    assert terms["total"].item() == pytest.approx(sum(terms[k].item() for k in ("mse", "kd", "penultimate")), rel=1e-5)
+    terms["penultimate"].backward()
+    assert x_hat.grad.abs().sum() > 0
+
+
+def test_penultimate_weight_trains_without_kd_and_is_recorded_per_rung(image_folder, tmp_path):
+    events = []
+    ladder = train_ladder(tiny_config(penultimate_weight=3.0, steps=4), image_folder, tmp_path / "p.safetensors",
+                          SMALL_BU, cache_dir=tmp_path / "c", reporter=events.append)
+    assert [info["penultimate_weight"] for info in ladder.rung_info] == [3.0, 3.0]
+    last = [e for e in events if e["phase"] == "train"][-1]
+    assert last["penultimate"] > 0 and "kd" not in last
+    plain = train_ladder(tiny_config(steps=1), image_folder, tmp_path / "q.safetensors", SMALL_BU, cache_dir=tmp_path / "c")
+    assert "penultimate_weight" not in plain.rung_info[0]
