@@ -220,8 +220,10 @@ def load_or_build_cache(
 def tail_outputs(tail: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The tail's logits for ``x`` and its penultimate features: the input of its last linear layer
     (the pooled features the classifier sees)."""
-    last = [module for module in tail.modules() if isinstance(module, torch.nn.Linear)][-1]
-    captured = []
+    linears = [module for module in tail.modules() if isinstance(module, torch.nn.Linear)]
+    if not linears:
+        raise TrainError("the penultimate-feature term needs a tail that ends in a linear classifier")
+    last, captured = linears[-1], []
     handle = last.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
         logits = tail(x)
@@ -245,8 +247,10 @@ def distortion(
     terms = {}
     if "mse" in kind:
         terms["mse"] = F.mse_loss(x_hat, x)
-    if "kd" in kind or penultimate_weight:
+    if penultimate_weight:
         student_logits, student_features = tail_outputs(tail, x_hat)
+    elif "kd" in kind:
+        student_logits = tail(x_hat)
     if "kd" in kind:
         student = student_logits / temperature
         teacher = teacher_logits / temperature

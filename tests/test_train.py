@@ -299,6 +299,8 @@ def test_penultimate_term_compares_the_features_the_classifier_sees(backbone, sp
     assert terms["total"].item() == pytest.approx(sum(terms[k].item() for k in ("mse", "kd", "penultimate")), rel=1e-5)
     terms["penultimate"].backward()
     assert x_hat.grad.abs().sum() > 0
+    with pytest.raises(TrainError, match="linear classifier"):
+        tail_outputs(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), x)
 
 
 def test_penultimate_weight_trains_without_kd_and_is_recorded_per_rung(image_folder, tmp_path):
