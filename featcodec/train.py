@@ -232,6 +232,16 @@ def tail_outputs(tail: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     return logits, captured[-1]
 
 
+@torch.no_grad()
+def penultimate_targets(tail: torch.nn.Module, split_tensors: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The tail's penultimate features of every cached split tensor, computed once per run: the
+    penultimate term's targets, so that a training step needs no second pass through the tail."""
+    return torch.cat([
+        tail_outputs(tail, split_tensors[start : start + batch_size].float())[1]
+        for start in range(0, len(split_tensors), batch_size)
+    ])
+
+
 def distortion(
     kind: str,
     x: torch.Tensor,
@@ -241,9 +251,11 @@ def distortion(
     temperature: float = 1.0,
     kd_weight: float = 1.0,
     penultimate_weight: float = 0.0,
+    penultimate_target: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The distortion terms: ``mse`` of the split tensor and/or ``kd`` through the frozen tail, plus,
-    with ``penultimate_weight``, the MSE of the tail's penultimate features (``x``'s as the target)."""
+    with ``penultimate_weight``, the MSE of the tail's penultimate features against ``x``'s
+    (``penultimate_target`` when given, as :func:`penultimate_targets` computes them)."""
     terms = {}
     if "mse" in kind:
         terms["mse"] = F.mse_loss(x_hat, x)
@@ -258,9 +270,10 @@ def distortion(
             F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean"
         ) * temperature**2
     if penultimate_weight:
-        with torch.no_grad():
-            target = tail_outputs(tail, x)[1]
-        terms["penultimate"] = penultimate_weight * F.mse_loss(student_features, target)
+        if penultimate_target is None:
+            with torch.no_grad():
+                penultimate_target = tail_outputs(tail, x)[1]
+        terms["penultimate"] = penultimate_weight * F.mse_loss(student_features, penultimate_target)
     terms["total"] = sum(terms.values())
     return terms
 
@@ -307,7 +320,7 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, forward=None,
-                context: distributed.Context | None = None) -> dict[str, float]:
+                context: distributed.Context | None = None, penultimate_target=None) -> dict[str, float]:
     """One optimisation step of loss = bits/image + lam * D, then one aux (quantile) step.
 
     ``forward`` is the module to run (``unit`` in DistributedDataParallel when distributed).
@@ -317,7 +330,7 @@ def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, for
     output = (forward or unit)(x, rounded_decoder_input=config.rounded_decoder_input or config.decoder_only)
     bits = output["bits"]
     terms = distortion(kind, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight,
-                       config.penultimate_weight)
+                       config.penultimate_weight, penultimate_target)
     loss = bits + lam * terms["total"]
     opt.zero_grad()
     loss.backward()
@@ -561,6 +574,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             finished.append(unit)
 
     tail = model.tail if "kd" in config.distortion or config.penultimate_weight else None
+    device_penultimate = penultimate_targets(tail, device_features) if config.penultimate_weight else None
     init_state = None
     for rung in range(first_rung, len(config.lambdas)):
         lam = config.lambdas[rung]
@@ -591,9 +605,10 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             index = index.to(device)
             x = device_features[index].float()
             teacher = device_logits[index].float() if device_logits is not None else None
+            target = device_penultimate[index] if device_penultimate is not None else None
             kind = config.distortion
             stats = _train_step(unit, opt, aux_opt, x, teacher, lam, _learning_rate(config, step), kind, tail, config,
-                                forward, context)
+                                forward, context, target)
             step += 1
             if reporter:
                 reporter({"phase": "train", "rung": rung, "step": step, "steps": config.steps, **stats})

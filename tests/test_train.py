@@ -299,6 +299,12 @@ def test_penultimate_term_compares_the_features_the_classifier_sees(backbone, sp
     assert terms["total"].item() == pytest.approx(sum(terms[k].item() for k in ("mse", "kd", "penultimate")), rel=1e-5)
     terms["penultimate"].backward()
     assert x_hat.grad.abs().sum() > 0
+    # a run computes the targets once for the whole cache; they are the features above
+    from featcodec.train import penultimate_targets
+
+    assert torch.allclose(penultimate_targets(tail, x, batch_size=1), features, atol=1e-5)
+    given = distortion("mse+kd", x, x_hat, teacher, tail, penultimate_weight=5.0, penultimate_target=features)
+    assert given["penultimate"].item() == pytest.approx(terms["penultimate"].item(), rel=1e-5)
     with pytest.raises(TrainError, match="linear classifier"):
         tail_outputs(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), x)
 
