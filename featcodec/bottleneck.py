@@ -31,14 +31,11 @@ import math
 
 import numpy as np
 import torch
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.layers import GDN
-from compressai.models import CompressionModel
-from compressai.ops import quantize_ste
 from torch import nn
 
 from . import huffman, rans
 from .errors import FeatcodecError
+from .lazy_compressai import ENTROPY_CODER, GDN, EntropyBottleneck, GaussianConditional, quantize_ste
 
 ENTROPY_CODERS = ("factorized", "hyperprior", "huffman")
 
@@ -158,6 +155,37 @@ def _refiner(config: BottleneckConfig) -> nn.Sequential | None:
     return nn.Sequential(*(ResidualBlock(config.in_channels, config.hidden_channels) for _ in range(config.refine_blocks)))
 
 
+class _EntropyCoded(nn.Module):
+    """What a BU with CompressAI entropy models needs of CompressAI's CompressionModel (whose module
+    would import the rest of CompressAI): the aux loss, building the CDF tables, and loading the
+    tables, whose sizes the weights file decides."""
+
+    _TABLES = ("_quantized_cdf", "_offset", "_cdf_length")
+
+    def aux_loss(self) -> torch.Tensor:
+        """The EntropyBottlenecks' quantile loss (the aux optimizer's)."""
+        return sum(m.loss() for m in self.modules() if isinstance(m, EntropyBottleneck))
+
+    def update(self, scale_table: torch.Tensor | None = None, force: bool = False) -> None:
+        """Build the CDF tables of every entropy model (a GaussianConditional's from ``scale_table``)."""
+        for module in self.modules():
+            if isinstance(module, EntropyBottleneck):
+                module.update(force=force)
+            elif isinstance(module, GaussianConditional):
+                module.update_scale_table(scale_table, force=force)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """nn.Module's, after sizing each entropy model's table buffers as ``state_dict`` has them."""
+        for name, module in self.named_modules():
+            if isinstance(module, (EntropyBottleneck, GaussianConditional)):
+                tables = self._TABLES + (("scale_table",) if isinstance(module, GaussianConditional) else ())
+                for table in tables:
+                    stored = state_dict.get(f"{name}.{table}")
+                    if stored is not None:
+                        getattr(module, table).resize_(stored.shape)
+        return super().load_state_dict(state_dict, strict=strict)
+
+
 class _SplitTensorShape:
     """Latent and output geometry shared by all kinds of BU (``config``, ``g_s`` and ``g_r``, the
     refiner or None, come from the BU)."""
@@ -178,7 +206,7 @@ class _SplitTensorShape:
         return [self.g_s] + ([self.g_r] if self.g_r is not None else [])
 
 
-class BottleneckUnit(_SplitTensorShape, CompressionModel):
+class BottleneckUnit(_SplitTensorShape, _EntropyCoded):
     """One rung of a rate ladder: ``g_a`` -> EntropyBottleneck -> ``g_s``."""
 
     PAYLOAD_STRING_COUNTS = (1,)  # entropy-coded strings a record may carry
@@ -187,7 +215,7 @@ class BottleneckUnit(_SplitTensorShape, CompressionModel):
         super().__init__()
         self.config = config
         self.g_a = _encoder(config)
-        self.entropy_bottleneck = EntropyBottleneck(config.latent_channels)
+        self.entropy_bottleneck = EntropyBottleneck(config.latent_channels, entropy_coder=ENTROPY_CODER)
         self.g_s = _decoder(config)
         self.g_r = _refiner(config)
 
@@ -247,7 +275,7 @@ class BottleneckUnit(_SplitTensorShape, CompressionModel):
         return self.decoder_side_modules()
 
 
-class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
+class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
     """A rung with a scale hyperprior: ``g_a`` -> y; ``h_a(|y - mean|)`` -> z (EntropyBottleneck);
     ``h_s(z_hat)`` -> the scale of each value of y, which a GaussianConditional codes; ``g_s``.
 
@@ -273,8 +301,8 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, CompressionModel):
             nn.Conv2d(n, n, 3, padding=1),
             nn.Softplus(),
         )
-        self.entropy_bottleneck = EntropyBottleneck(n)
-        self.gaussian_conditional = GaussianConditional(None)
+        self.entropy_bottleneck = EntropyBottleneck(n, entropy_coder=ENTROPY_CODER)
+        self.gaussian_conditional = GaussianConditional(None, entropy_coder=ENTROPY_CODER)
         self.latent_means = nn.Parameter(torch.zeros(1, n, 1, 1))  # y is coded as round(y - mean) + mean
         self.g_s = _decoder(config)
         self.g_r = _refiner(config)

@@ -24,10 +24,9 @@ Decoding a valid string never reads them.
 from __future__ import annotations
 
 import torch
-from compressai.ans import BufferedRansEncoder, RansDecoder
-from compressai.entropy_models import EntropyModel
 
 from .bitstream import BitstreamError
+from .lazy_compressai import BufferedRansEncoder, EntropyModel, RansDecoder
 
 STATE_BYTES = 8  # the flushed 64-bit rANS state at the start of every string
 WORD_BYTES = 4
