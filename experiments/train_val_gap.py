@@ -7,7 +7,7 @@ per rung and folder. No labels are needed. A large train-over-val gap means the 
 overfits its 2000 training images (more augmented views or data would help); no gap means
 the BU itself is the limit. As run for the notes of issue 3:
 
-    python benchmarks/train_val_gap.py --split stage3 --rates 1,3,5 --images 300
+    python experiments/train_val_gap.py --split stage3 --rates 1,3,5 --images 300
 
 (N = 300 gives a standard error of about 2.5 points on each agreement figure.)
 """

@@ -6,13 +6,13 @@ centre crops: bytes per image of the entropy-coded payload and top-1 agreement w
 uncompressed model (no labels needed). Examples, as run for the notes of issue 3:
 
     # one stride-2 rung from scratch: 300 mse steps, then 800 mse+kd steps
-    python benchmarks/holdout_probe.py --data ../shared/data/train --steps 800
-    python benchmarks/holdout_probe.py --data ../shared/data/train --steps 800 --bu '{"stride": 1}'
-    python benchmarks/holdout_probe.py --data ../shared/data/train --steps 800 --bu '{"layers": 3}'
-    python benchmarks/holdout_probe.py --data ../shared/data/train --steps 800 --hyperprior
+    python experiments/holdout_probe.py --data ../shared/data/train --steps 800
+    python experiments/holdout_probe.py --data ../shared/data/train --steps 800 --bu '{"stride": 1}'
+    python experiments/holdout_probe.py --data ../shared/data/train --steps 800 --bu '{"layers": 3}'
+    python experiments/holdout_probe.py --data ../shared/data/train --steps 800 --hyperprior
     # fine-tune rung 3 of the shipped ladder, plain views against mixed views
-    python benchmarks/holdout_probe.py --data ../shared/data/train --init-rung 3 --steps 600 --lr 3e-4
-    python benchmarks/holdout_probe.py --data ../shared/data/train --init-rung 3 --steps 600 --lr 3e-4 --mixup 1
+    python experiments/holdout_probe.py --data ../shared/data/train --init-rung 3 --steps 600 --lr 3e-4
+    python experiments/holdout_probe.py --data ../shared/data/train --init-rung 3 --steps 600 --lr 3e-4 --mixup 1
 
 (A rung started from the shipped ladder has seen the held-out images in its first training,
 so compare such runs with each other, not with runs from scratch.)

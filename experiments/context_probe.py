@@ -12,7 +12,7 @@ bits of z, which the probe leaves as they are). As run for
 the notes of issue 3 (the cache of ``featcodec train --views 8 --mixup 1 --distortion kd`` on
 ../shared/data/train):
 
-    python benchmarks/context_probe.py --cache CACHE --data ../shared/data/val --rate 2 --checkerboard
+    python experiments/context_probe.py --cache CACHE --data ../shared/data/val --rate 2 --checkerboard
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ train``), ``--bits rounded`` that of the rounded values (the rounding passed str
 as the search). ``--extra N`` puts N of the refiner's residual blocks (width 128, initialised to the
 identity) before g_a. As run for the notes of issue 3 (docs/experiments.md):
 
-    python benchmarks/encoder_fit_probe.py --bits noise --steps 200
-    python benchmarks/encoder_fit_probe.py --bits noise --steps 200 --extra 2
-    python benchmarks/encoder_fit_probe.py --bits rounded --steps 200
-    python benchmarks/encoder_fit_probe.py --split stage5 --bits noise --steps 200 --fit-every N  # N = 30, 10, 3
+    python experiments/encoder_fit_probe.py --bits noise --steps 200
+    python experiments/encoder_fit_probe.py --bits noise --steps 200 --extra 2
+    python experiments/encoder_fit_probe.py --bits rounded --steps 200
+    python experiments/encoder_fit_probe.py --split stage5 --bits noise --steps 200 --fit-every N  # N = 30, 10, 3
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ probability is below p, asks the client for rung j as well (both streams count).
 budget the script prints the best k, j and p, chosen on the measured images themselves, so the
 figure is an upper bound for that rule. As run for the notes of issue 3:
 
-    python benchmarks/rung_policies.py --data ../shared/data/val --split stage3 --budgets 196,496
-    python benchmarks/rung_policies.py --data ../shared/data/val --split stage5 --budgets 146 --mean-budgets 150
+    python experiments/rung_policies.py --data ../shared/data/val --split stage3 --budgets 196,496
+    python experiments/rung_policies.py --data ../shared/data/val --split stage5 --budgets 146 --mean-budgets 150
 """
 
 from __future__ import annotations

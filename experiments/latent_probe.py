@@ -27,11 +27,11 @@ Gaussian noise added (0.3 of their standard deviation) before the tail, beside t
 uncompressed split tensors under the same noise: a searched latent whose gain were adversarial, a
 fragile pattern that only fools the tail, would lose it there. As run for the notes of issue 3:
 
-    python benchmarks/latent_probe.py --data ../shared/data/val --split stage3 --rate 3 --lambdas 0,300,1000
-    python benchmarks/latent_probe.py --data ../shared/data/val --rate 3 --every 5 --lambdas 0,300
-    python benchmarks/latent_probe.py --data ../shared/data/val --rate 3 --every 5 --lr 0.02 \
+    python experiments/latent_probe.py --data ../shared/data/val --split stage3 --rate 3 --lambdas 0,300,1000
+    python experiments/latent_probe.py --data ../shared/data/val --rate 3 --every 5 --lambdas 0,300
+    python experiments/latent_probe.py --data ../shared/data/val --rate 3 --every 5 --lr 0.02 \
         --distortion mse --lambdas 0,300,30000
-    python benchmarks/latent_probe.py --data ../shared/data/val --rate 3 --every 5 --lr 0.02 \
+    python experiments/latent_probe.py --data ../shared/data/val --rate 3 --every 5 --lr 0.02 \
         --distortion own --lambdas 300,3000
 """
 
