@@ -367,7 +367,7 @@ def train(
     random_init: bool = RANDOM_INIT_OPTION,
     nproc: int = typer.Option(
         1, "--nproc", min=1, help="Train with N processes on this machine: starts torchrun (DistributedDataParallel; "
-        "gloo on CPU, NCCL with --device cuda). For several machines run torchrun yourself, see the README."
+        "gloo on CPU, NCCL with --device cuda). For several machines run torchrun yourself, see docs/training.md."
     ),
 ) -> Optional[int]:
     """Train a rate ladder: one bottleneck unit per lambda, backbone frozen."""
