@@ -197,12 +197,17 @@ def decode(
 
 
 def _save_features(path: str, results) -> None:
+    atomic_write_bytes(path, _features_file(results))
+    _say(f"saved {len(results)} split tensor(s) -> {path}")
+
+
+def _features_file(results) -> bytes:
+    """The rebuilt split tensors as ``decode --features`` saves them (and ``serve`` answers ?features=1)."""
     from safetensors.torch import save
 
     tensors = {f"record{r.index}": r.features.contiguous() for r in results}
     meta = {f"record{r.index}.rate": str(r.record.rate) for r in results}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
-    _say(f"saved {len(results)} split tensor(s) -> {path}")
+    return save(tensors, metadata=meta)
 
 
 @app.command()
@@ -260,6 +265,15 @@ def info(
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List backbones, split points and the rungs of their shipped ladders."""
+    entries = _model_entries()
+    if as_json:
+        print(json.dumps(entries))
+        return
+    _print_models_table(entries)
+
+
+def _model_entries() -> list[dict]:
+    """What ``models --json`` prints (and ``serve`` answers on /v1/models)."""
     from .ids import BACKBONE_IDS, SPLITS
     from .ladder import HUFFMAN_VARIANT, LadderError, find_ladder, read_ladder_metadata
 
@@ -280,9 +294,10 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
                     entry["weights_dtype"] = meta.get("weights_dtype", "float32")
                 if path is not None or variant is None:  # list the huffman-bu anchor only where shipped
                     entries.append(entry)
-    if as_json:
-        print(json.dumps(entries))
-        return
+    return entries
+
+
+def _print_models_table(entries: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="featcodec models")
@@ -787,6 +802,27 @@ def verify(
     _say(f"{len(checks) - failed}/{len(checks)} conformance streams pass")
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free one, shown at start)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file for every record."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most records decoded together."),
+    max_wait_ms: float = typer.Option(
+        5.0, "--max-wait-ms", min=0.0, help="How long a record waits for others to batch with."
+    ),
+    max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in bytes (else 413)."),
+    backbone_weights: Optional[Path] = BACKBONE_WEIGHTS_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
+) -> None:
+    """Serve decode over HTTP: POST a stream to /v1/decode (needs the 'serve' extra; docs/serve.md)."""
+    model_source = _backbone_source(backbone_weights, random_init)
+    from .serve import run_server  # imports uvicorn and starlette, or says how to install them
+
+    run_server(host, port, weights=weights, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body=max_body,
+               **model_source)
 
 
 def _one_line(exc: BaseException) -> str:
