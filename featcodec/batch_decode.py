@@ -84,11 +84,12 @@ class CodecCache:
         if key not in self.codecs:
             started = time.perf_counter()
             ladder = ladder or load_ladder(path)
+            codec = Codec(spec, point, None, ladder)  # refuses a ladder of another split before loading a model
             if (spec.name, point.name) not in self.models:
                 self.models[spec.name, point.name] = load_split_model(
                     spec.name, point.name, self.backbone_weights, self.random_init
                 )
-            codec = Codec(spec, point, self.models[spec.name, point.name], ladder)  # refuses a mismatched ladder
+            codec.model = self.models[spec.name, point.name]
             self.codecs[key] = codec
             log(f"loaded {spec.name}/{point.name} with {path} ({codec.num_rates} rungs, weights tag "
                 f"{ladder.weights_tag.hex()}) in {time.perf_counter() - started:.1f} s")

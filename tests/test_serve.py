@@ -68,7 +68,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def env(weights_dir):
-    return {**os.environ, "FEATCODEC_WEIGHTS": str(weights_dir)}
+    return {**os.environ, "FEATCODEC_WEIGHTS": str(weights_dir), "OMP_NUM_THREADS": "1"}  # a server beside pytest
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_a_stream_answers_as_decode_json(server, streams, reference, capsysbinar
 
 
 def test_concurrent_requests_are_batched_and_equal_sequential(server, streams, reference):
-    requests = streams["singles"] * 3 + [streams["multi"]]
+    requests = streams["singles"] * 2 + [streams["multi"]]
     with ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(server.post, requests))
     assert [a.status_code for a in answers] == [200] * len(answers)
@@ -267,6 +267,17 @@ def test_models_and_healthz(server, capsysbinary):
     health = httpx.get(f"{server.url}/healthz").json()
     assert health["status"] == "ok" and "efficientnet_lite0/stage3" in health["loaded"]
     assert any("loaded efficientnet_lite0/stage3" in line for line in server.log)  # models load once, at start
+
+
+def test_another_ladder_loads_on_first_use(server, capsysbinary, tmp_path):
+    shipped = Path(__file__).resolve().parent.parent / "bitstreams" / "efficientnet_lite0-stage5-r1.fcb"
+    data = shipped.read_bytes()  # made with the shipped stage5 ladder, not the tiny one the server loaded
+    answer = server.post(data)
+    assert answer.status_code == 200, answer.text
+    assert_same_rows(answer.json(), cli_rows(capsysbinary, tmp_path, data))
+    assert sum("loaded efficientnet_lite0/stage5" in line for line in server.log) == 2  # tiny at start, then shipped
+    assert server.post(data).status_code == 200
+    assert sum("loaded efficientnet_lite0/stage5" in line for line in server.log) == 2  # kept
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
