@@ -18,7 +18,7 @@ from .errors import FeatcodecError
 
 MAGIC = b"\x89F"
 MAJOR_VERSION = 1
-MINOR_VERSION = 1
+MINOR_VERSION = 2  # 1.2: the rate may carry a fraction byte (1.0 and 1.1: a one-byte rung index)
 PREAMBLE = MAGIC + bytes([MAJOR_VERSION, MINOR_VERSION])
 
 WEIGHTS_TAG_BYTES = 8
@@ -26,7 +26,9 @@ CRC_BYTES = 4
 
 # Hard limits that a reader enforces before allocating anything.
 MAX_ID = 0x7F  # ids stay below 0x80 so a preamble byte (0x89) marks a new stream
-MAX_RATE = 0xFF
+RATE_SCALE = 256  # 1.2 records carry round(rate * RATE_SCALE): rates are multiples of 1/256
+RATE_FRACTION_FLAG = 0x80  # set in the rate byte when a fraction byte follows
+MAX_RATE = 0x7F + (RATE_SCALE - 1) / RATE_SCALE
 MAX_IMAGE_SIDE = 1 << 16
 MAX_LATENT_SIDE = 1024
 MAX_STRINGS = 4
@@ -43,7 +45,7 @@ class Record:
 
     backbone_id: int
     split_id: int
-    rate: int
+    rate: float  # a rung index, or any multiple of 1/256 for a variable-rate BU
     weights_tag: bytes
     image_size: tuple[int, int]  # (width, height) of the original image
     latent_shape: tuple[int, int]  # (height, width) of the coded latent
@@ -83,15 +85,31 @@ def _check_range(name: str, value: int, low: int, high: int) -> None:
         raise BitstreamError(f"{name} {value} is outside {low}..{high}")
 
 
+def quantize_rate(rate: float) -> float:
+    """The rate a record can carry: ``rate`` rounded to the nearest multiple of 1/256."""
+    if not 0 <= rate <= MAX_RATE:
+        raise BitstreamError(f"rate {rate:g} is outside 0..{MAX_RATE:g}")
+    return round(rate * RATE_SCALE) / RATE_SCALE
+
+
+def format_rate(rate: float) -> int | float:
+    """A rate for output: an int for a whole rate (a rung index), else the float."""
+    return int(rate) if float(rate).is_integer() else float(rate)
+
+
 def encode_record(record: Record) -> bytes:
     """Serialise one record (without the stream preamble)."""
     _check_range("backbone id", record.backbone_id, 0, MAX_ID)
     _check_range("split id", record.split_id, 0, MAX_ID)
-    _check_range("rate index", record.rate, 0, MAX_RATE)
+    if not 0 <= record.rate <= MAX_RATE or quantize_rate(record.rate) != record.rate:
+        raise BitstreamError(f"rate {record.rate} is not a multiple of 1/{RATE_SCALE} in 0..{MAX_RATE:g}")
     if len(record.weights_tag) != WEIGHTS_TAG_BYTES:
         raise BitstreamError(f"weights tag must be {WEIGHTS_TAG_BYTES} bytes")
     _check_range("number of strings", len(record.strings), 1, MAX_STRINGS)
-    out = bytearray([record.backbone_id, record.split_id, record.rate])
+    whole, fraction = divmod(round(record.rate * RATE_SCALE), RATE_SCALE)
+    out = bytearray([record.backbone_id, record.split_id, whole | (RATE_FRACTION_FLAG if fraction else 0)])
+    if fraction:
+        out.append(fraction)
     out += record.weights_tag
     for side in record.image_size:
         _check_range("image side", side, 1, MAX_IMAGE_SIDE)
@@ -138,6 +156,7 @@ class _Reader:
     def u8(self, what: str) -> int:
         return self.take(1, what)[0]
 
+
     def varint(self, what: str) -> int:
         value = 0
         for index in range(MAX_VARINT_BYTES):
@@ -167,7 +186,12 @@ def _read_record(reader: _Reader, preamble: bytes) -> ParsedRecord:
     start = reader.pos
     backbone_id = reader.u8("backbone id")
     split_id = reader.u8("split id")
-    rate = reader.u8("rate index")
+    rate = float(reader.u8("rate"))
+    if preamble[len(MAGIC) + 1] >= 2 and rate >= RATE_FRACTION_FLAG:
+        fraction = reader.u8("rate fraction")
+        if not fraction:
+            raise BitstreamError(f"corrupt stream: a zero rate fraction at offset {start}")
+        rate = rate - RATE_FRACTION_FLAG + fraction / RATE_SCALE
     if backbone_id > MAX_ID or split_id > MAX_ID:
         raise BitstreamError(f"corrupt stream: invalid backbone/split id at offset {start}")
     weights_tag = reader.take(WEIGHTS_TAG_BYTES, "weights tag")

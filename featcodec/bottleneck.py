@@ -54,6 +54,7 @@ class BottleneckConfig:
     entropy: str = "factorized"  # "factorized" (EntropyBottleneck + rANS), "hyperprior" or "huffman"
     quant_step: float = 1.0  # the huffman BU's quantizer step qp
     refine_blocks: int = 0  # residual blocks after g_s, on the decoder side only (0: none)
+    rates: int = 0  # anchor rates of a variable-rate (gain-unit) hyperprior BU; 0: one fixed rate
 
     def to_dict(self) -> dict:
         """A JSON-ready dict. A factorized BU's dict leaves out the fields added after it (entropy,
@@ -66,6 +67,8 @@ class BottleneckConfig:
             del data["quant_step"]
         if not self.refine_blocks:
             del data["refine_blocks"]
+        if not self.rates:
+            del data["rates"]
         if self.entropy == "factorized":
             del data["entropy"]
         return data
@@ -85,6 +88,9 @@ class BottleneckConfig:
             or not isinstance(config.refine_blocks, int)
             or config.refine_blocks < 0
             or not (config.quant_step > 0 and math.isfinite(config.quant_step))
+            or not isinstance(config.rates, int)
+            or config.rates < 0
+            or (config.rates and (config.rates < 2 or config.entropy != "hyperprior"))
         ):
             raise FeatcodecError(f"bad bottleneck config in weights metadata: {data}")
         return config
@@ -314,23 +320,38 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
     def forward(self, x: torch.Tensor, rounded_decoder_input: bool = False) -> dict:
         """Training pass: noisy y and z, reconstruction, and the bits of both per image
         (``rounded_decoder_input`` as in :meth:`BottleneckUnit.forward`)."""
-        y = self.g_a(x)
-        z_hat, z_likelihoods = self.entropy_bottleneck(self.h_a(torch.abs(y - self.latent_means)))
+        return self._forward(x, rounded_decoder_input, None)
+
+    def _forward(self, x: torch.Tensor, rounded_decoder_input: bool, gains: "Gains | None") -> dict:
+        """:meth:`forward`, with y and z scaled by ``gains`` before they are coded (None: no gains)."""
+        y, means = self._coded_latent(self.g_a(x), gains)
+        z = self.h_a(torch.abs(y - means))
+        z_hat, z_likelihoods = self.entropy_bottleneck(z if gains is None else z * gains.hyper)
+        z_hat = z_hat if gains is None else z_hat * gains.hyper_inverse
         scales = self.h_s(z_hat)[..., : y.shape[-2], : y.shape[-1]]
-        y_hat, y_likelihoods = self.gaussian_conditional(y, scales, means=self.latent_means)
+        y_hat, y_likelihoods = self.gaussian_conditional(y, scales, means=means)
         if rounded_decoder_input:
-            y_hat = _round_straight_through(y, self.latent_means)
+            y_hat = _round_straight_through(y, means)
         bits = bits_per_image(y_likelihoods) + bits_per_image(z_likelihoods)
-        return {"x_hat": self._synthesize(y_hat), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}, "bits": bits}
+        x_hat = self._synthesize(y_hat if gains is None else y_hat * gains.latent_inverse)
+        return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}, "bits": bits}
+
+    def _coded_latent(self, y: torch.Tensor, gains: "Gains | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """y as it is quantized, and the means it is rounded around: scaled by the latent gain if any."""
+        if gains is None:
+            return y, self.latent_means
+        gain = gains.latent.to(y.dtype)
+        return y * gain, self.latent_means * gain
 
     def quantized_latent(self, x: torch.Tensor) -> torch.Tensor:
         """The latent y as the entropy coder sees it: rounded around the latent means."""
         return self.gaussian_conditional.quantize(self.g_a(x), "dequantize", self.latent_means)
 
-    def _scale_indexes(self, z_hat: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """The scale-table index of every value of y, from z_hat, computed in float64."""
+    def _scale_indexes(self, z_hat: torch.Tensor, shape: tuple[int, int], gains: "Gains | None" = None) -> torch.Tensor:
+        """The scale-table index of every value of y, from z_hat (z's inverse gain applied), in float64."""
         params = {name: value.double() for name, value in self.h_s.named_parameters()}
-        scales = torch.func.functional_call(self.h_s, params, (z_hat.double(),))[..., : shape[0], : shape[1]]
+        z_hat = z_hat.double() if gains is None else z_hat.double() * gains.hyper_inverse.double()
+        scales = torch.func.functional_call(self.h_s, params, (z_hat,))[..., : shape[0], : shape[1]]
         table = self.gaussian_conditional.scale_table.double()
         scales = scales.clamp_min(float(self.gaussian_conditional.lower_bound_scale.bound))
         # index = the first table entry at or above the scale (the top entry for larger scales)
@@ -344,17 +365,19 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
     def _side_medians(self) -> torch.Tensor:
         return self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
 
-    def compress_latent(self, y: torch.Tensor) -> dict:
+    def compress_latent(self, y: torch.Tensor, gains: "Gains | None" = None) -> dict:
         """Entropy-code the latent ``g_a`` gave (z, then y, in one string per image): the second
         half of :meth:`compress`."""
         side, conditional = self.entropy_bottleneck, self.gaussian_conditional
         side_medians = self._side_medians()
-        z = self.h_a(torch.abs(y - self.latent_means))
+        y, means = self._coded_latent(y, gains)
+        z = self.h_a(torch.abs(y - means))
+        z = z if gains is None else z * gains.hyper.to(z.dtype)
         z_symbols = side.quantize(z, "symbols", side_medians)
         z_indexes = side._build_indexes(z.size())
         z_hat = side.dequantize(z_symbols, side_medians)
-        indexes = self._scale_indexes(z_hat, tuple(y.shape[-2:]))
-        y_symbols = conditional.quantize(y, "symbols", self.latent_means)
+        indexes = self._scale_indexes(z_hat, tuple(y.shape[-2:]), gains)
+        y_symbols = conditional.quantize(y, "symbols", means)
         z_tables, y_tables = rans.coding_tables(side), rans.coding_tables(conditional)
         strings = [
             rans.encode_groups([(z_tables, z_symbols[i], z_indexes[i]), (y_tables, y_symbols[i], indexes[i])])
@@ -362,8 +385,9 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
         ]
         return {"strings": [strings], "shape": tuple(y.shape[-2:])}
 
-    def decompress_latent(self, strings: list, shape: tuple[int, int]) -> torch.Tensor:
-        """Decode y from its strings: z first, then y with the scales z gives."""
+    def decompress_latent(self, strings: list, shape: tuple[int, int], gains: "Gains | None" = None) -> torch.Tensor:
+        """Decode y from its strings: z first, then y with the scales z gives (with ``gains``: y as
+        it was quantized, before the inverse gain)."""
         channels, side_shape = self.config.latent_channels, self.side_shape(shape)
         y_count, z_count = channels * shape[0] * shape[1], channels * side_shape[0] * side_shape[1]
         if len(strings) == 2:  # bitstream 1.0: y's strings, then z's, each coded alone
@@ -377,12 +401,13 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
         z_indexes = self.entropy_bottleneck._build_indexes((1, channels, *side_shape))
         side_medians = self._side_medians()
         z_tables, y_tables = rans.coding_tables(self.entropy_bottleneck), rans.coding_tables(self.gaussian_conditional)
+        means = self.latent_means if gains is None else self.latent_means * gains.latent.to(self.latent_means.dtype)
         for string in strings[0]:
             decoder = rans.GroupDecoder(string, y_count + z_count)
             z_hat = self.entropy_bottleneck.dequantize(decoder.decode(z_tables, z_indexes), side_medians)
-            indexes = self._scale_indexes(z_hat, tuple(shape))
+            indexes = self._scale_indexes(z_hat, tuple(shape), gains)
             y_symbols = decoder.decode(y_tables, indexes)
-            latents.append(self.gaussian_conditional.dequantize(y_symbols, self.latent_means))
+            latents.append(self.gaussian_conditional.dequantize(y_symbols, means))
         return torch.cat(latents)
 
     def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
@@ -413,6 +438,113 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
     def decoder_modules(self) -> list[nn.Module]:
         """The modules whose parameters the decoder uses (z's entropy model only as CDF tables)."""
         return [self.h_s, *self.decoder_side_modules()]
+
+
+@dataclass(frozen=True)
+class Gains:
+    """Channel gains of one rate, each (1, C, 1, 1): y is quantized as ``y * latent`` and decoded as
+    ``y_hat * latent_inverse``; z likewise with ``hyper`` and ``hyper_inverse``."""
+
+    latent: torch.Tensor
+    latent_inverse: torch.Tensor
+    hyper: torch.Tensor
+    hyper_inverse: torch.Tensor
+
+
+class GainHyperpriorUnit(HyperpriorBottleneckUnit):
+    """One BU for every rate: a scale-hyperprior BU with gain units (Cui et al., CVPR 2021).
+
+    Anchor rate ``r`` (0 .. ``config.rates`` - 1) has a gain vector over the latent channels that
+    scales y before quantization, and an inverse gain applied after; z has its own pair. A larger
+    gain quantizes finer: more bits, less distortion. Between anchors the gains interpolate
+    exponentially, so any real rate in [0, rates - 1] is a quantizer of its own; training draws
+    the rate and its lambda per step. Gains are stored as logarithms, and computed in float64
+    when coding, so that encoder and decoder derive the same scale indexes (see the parent).
+    """
+
+    PAYLOAD_STRING_COUNTS = (1,)
+    # Gains stretch y's scales at high rates: a table up to 64, twice the fixed-rate BU's reach.
+    SCALE_TABLE = torch.exp(torch.linspace(math.log(0.11), math.log(64.0), 64))
+
+    def __init__(self, config: BottleneckConfig):
+        super().__init__(config)
+        n = config.latent_channels
+        spread = torch.linspace(math.log(0.25), math.log(2.0), config.rates).unsqueeze(1)  # finer with rate
+        self.log_gains = nn.Parameter(spread.repeat(1, n))
+        self.log_inverse_gains = nn.Parameter(-spread.repeat(1, n))
+        self.log_hyper_gains = nn.Parameter(torch.zeros(config.rates, n))
+        self.log_hyper_inverse_gains = nn.Parameter(torch.zeros(config.rates, n))
+
+    @property
+    def max_rate(self) -> float:
+        return float(self.config.rates - 1)
+
+    def gains(self, rate: float | torch.Tensor, dtype: torch.dtype = torch.float32) -> Gains:
+        """The gains at ``rate``: exponential interpolation between the two anchors around it."""
+        rate = torch.as_tensor(rate, dtype=torch.float64).clamp(0, self.max_rate)
+        low = int(min(math.floor(float(rate)), self.config.rates - 2))
+        weight = (rate - low).to(dtype)
+
+        def at(log_values: torch.Tensor) -> torch.Tensor:
+            pair = log_values[low : low + 2].to(dtype)
+            return torch.exp((1 - weight) * pair[0] + weight * pair[1]).reshape(1, -1, 1, 1)
+
+        return Gains(at(self.log_gains), at(self.log_inverse_gains), at(self.log_hyper_gains),
+                     at(self.log_hyper_inverse_gains))
+
+    def forward(self, x: torch.Tensor, rate: float = 0.0, rounded_decoder_input: bool = False) -> dict:
+        """Training pass at ``rate`` (see :meth:`HyperpriorBottleneckUnit.forward`)."""
+        return self._forward(x, rounded_decoder_input, self.gains(rate))
+
+    def compress(self, x: torch.Tensor, rate: float = 0.0) -> dict:
+        """Entropy-code a batch at ``rate``: ``{"strings": [[one string per image]], "shape": (h, w) of y}``."""
+        return self.compress_latent(self.g_a(x), self._coding_gains(rate))
+
+    def _coding_gains(self, rate: float) -> Gains:
+        """The gains at ``rate`` in float64: z's inverse gain feeds the scale indexes, which encoder
+        and decoder must derive alike."""
+        with torch.no_grad():
+            return self.gains(rate, torch.float64)
+
+    def decompress(self, strings: list, shape: tuple[int, int], rate: float = 0.0) -> dict:
+        """Rebuild split tensors coded at ``rate``: ``{"x_hat": tensor}``."""
+        gains = self._coding_gains(rate)
+        y_hat = self.decompress_latent(strings, shape, gains)
+        return {"x_hat": self._synthesize(y_hat * gains.latent_inverse.to(y_hat.dtype))}
+
+    def at_rate(self, rate: float) -> "UnitAtRate":
+        """This BU at one rate, with a fixed-rate BU's ``compress`` / ``decompress`` contract."""
+        if not 0 <= rate <= self.max_rate:
+            raise FeatcodecError(f"rate {rate:g} is outside this BU's range 0..{self.max_rate:g}")
+        return UnitAtRate(self, rate)
+
+
+class UnitAtRate:
+    """A variable-rate BU fixed at one rate: what a ladder's rung is for the codec."""
+
+    def __init__(self, unit: GainHyperpriorUnit, rate: float):
+        self.unit, self.rate = unit, rate
+        self.config = unit.config
+        self.PAYLOAD_STRING_COUNTS = unit.PAYLOAD_STRING_COUNTS
+
+    def latent_shape(self) -> tuple[int, int]:
+        return self.unit.latent_shape()
+
+    def compress(self, x: torch.Tensor) -> dict:
+        return self.unit.compress(x, self.rate)
+
+    def compress_latent(self, y: torch.Tensor) -> dict:
+        return self.unit.compress_latent(y, self.unit._coding_gains(self.rate))
+
+    def decompress_latent(self, strings: list, shape: tuple[int, int]) -> torch.Tensor:
+        """The decoded latent as it was quantized (symbols plus means, at this rate's gain)."""
+        return self.unit.decompress_latent(strings, shape, self.unit._coding_gains(self.rate))
+
+    def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
+        return self.unit.decompress(strings, shape, self.rate)
+
+    def __getattr__(self, name: str):  # modules and counts (encoder_modules, g_s, ...) are the unit's
+        return getattr(self.unit, name)
 
 
 class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
@@ -544,5 +676,7 @@ class HuffmanBottleneckUnit(_SplitTensorShape, nn.Module):
 
 def make_unit(config: BottleneckConfig) -> nn.Module:
     """A fresh BU of the kind ``config.entropy`` names."""
+    if config.rates:
+        return GainHyperpriorUnit(config)
     kinds = {"factorized": BottleneckUnit, "hyperprior": HyperpriorBottleneckUnit, "huffman": HuffmanBottleneckUnit}
     return kinds[config.entropy](config)

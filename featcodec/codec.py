@@ -104,8 +104,16 @@ class Codec:
 
     @property
     def num_rates(self) -> int:
-        """Number of rungs in the ladder."""
-        return len(self.ladder.rungs)
+        """Number of whole rates: the ladder's rungs, or the variable-rate BU's anchors (0..max_rate)."""
+        return self.ladder.max_rate + 1
+
+    def check_rate(self, rate: float) -> float:
+        """``rate`` as a record carries it (a multiple of 1/256); FeatcodecError if this codec has no such rate."""
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate != rate:
+            raise FeatcodecError(f"rate must be a number, got {rate!r}")
+        rate = bitstream.quantize_rate(rate) if 0 <= rate <= bitstream.MAX_RATE else float(rate)
+        self.ladder.rung(rate)
+        return rate
 
     def preprocess(self, image: ImageSource) -> tuple[torch.Tensor, tuple[int, int]]:
         """The backbone input tensor (3, H, W) and the original (width, height)."""
@@ -114,18 +122,20 @@ class Codec:
         return preprocess(image, self.spec.preprocessing), image.size
 
     @torch.no_grad()
-    def encode_tensor(self, x: torch.Tensor, rate: int, image_size: tuple[int, int]) -> Record:
-        """Code one preprocessed input (3, H, W) at rung ``rate`` into a record."""
+    def encode_tensor(self, x: torch.Tensor, rate: float, image_size: tuple[int, int]) -> Record:
+        """Code one preprocessed input (3, H, W) at ``rate`` into a record."""
         split_tensor = self.model.head(x.unsqueeze(0))
         return self.encode_split_tensor(split_tensor, rate, image_size)
 
     @torch.no_grad()
-    def encode_split_tensor(self, split_tensor: torch.Tensor, rate: int, image_size: tuple[int, int]) -> Record:
-        """Code one split tensor (1, C, H, W) at rung ``rate`` into a record."""
+    def encode_split_tensor(self, split_tensor: torch.Tensor, rate: float, image_size: tuple[int, int]) -> Record:
+        """Code one split tensor (1, C, H, W) at ``rate`` (a rung, or any real rate of a variable-rate
+        ladder, rounded to 1/256 as the record carries it) into a record."""
+        rate = self.check_rate(rate)
         return self.make_record(self.ladder.rung(rate).compress(split_tensor), rate, image_size)
 
-    def make_record(self, coded: dict, rate: int, image_size: tuple[int, int]) -> Record:
-        """The record of one image from rung ``rate``'s ``compress`` (or ``compress_latent``) output."""
+    def make_record(self, coded: dict, rate: float, image_size: tuple[int, int]) -> Record:
+        """The record of one image from ``compress`` (or ``compress_latent``) output at ``rate``."""
         return Record(
             backbone_id=self.spec.id,
             split_id=self.split.id,
@@ -136,9 +146,9 @@ class Codec:
             strings=tuple(strings[0] for strings in coded["strings"]),
         )
 
-    def encode(self, images: Sequence[ImageSource], rate: int = 0) -> bytes:
+    def encode(self, images: Sequence[ImageSource], rate: float = 0) -> bytes:
         """Encode images into one stream with one record per image."""
-        self.ladder.rung(rate)  # fail fast on a bad rate index
+        rate = self.check_rate(rate)  # fail fast on a bad rate
         records = []
         for image in images:
             x, size = self.preprocess(image)
@@ -146,29 +156,57 @@ class Codec:
         return bitstream.write_stream(records)
 
     @torch.no_grad()
-    def encode_within(self, images: Sequence[ImageSource], max_bytes: int) -> tuple[bytes, list[int]]:
-        """Encode each image at the highest rung whose record fits in ``max_bytes``.
+    def encode_within(self, images: Sequence[ImageSource], max_bytes: int) -> tuple[bytes, list[float]]:
+        """Encode each image at the highest rate whose record fits in ``max_bytes``: the highest rung of
+        a ladder; for a variable-rate ladder, a bisection over every rate a record can carry (steps of
+        1/256), which finds the highest one as long as bytes grow with rate.
 
         The budget counts one record (header, payload and CRC); the stream's
         4-byte preamble is shared by all records and not counted. Returns the
-        stream and the rung chosen per image; FeatcodecError if rung 0 does not fit.
+        stream and the rate chosen per image; FeatcodecError if rate 0 does not fit.
         """
-        records, rates = [], []
+        records = []
         for number, image in enumerate(images):
             x, size = self.preprocess(image)
             split_tensor = self.model.head(x.unsqueeze(0))
-            for rate in reversed(range(self.num_rates)):
-                record = self.encode_split_tensor(split_tensor, rate, size)
-                length = len(bitstream.encode_record(record))
-                if length <= max_bytes:
-                    break
-            else:
+            record, lowest = self._highest_fitting(split_tensor, size, max_bytes)
+            if record is None:
                 raise FeatcodecError(
-                    f"image {number}: even rate 0 needs {length} bytes per record, over --max-bytes {max_bytes}"
+                    f"image {number}: even rate 0 needs {lowest} bytes per record, over --max-bytes {max_bytes}"
                 )
             records.append(record)
-            rates.append(rate)
-        return bitstream.write_stream(records), rates
+        return bitstream.write_stream(records), [record.rate for record in records]
+
+    def _highest_fitting(self, split_tensor: torch.Tensor, size: tuple[int, int], max_bytes: int):
+        """(the record at the highest rate that fits ``max_bytes`` or None, the record bytes at rate 0)."""
+
+        def coded(step: int) -> tuple[Record, int]:
+            record = self.encode_split_tensor(split_tensor, step / scale, size)
+            return record, len(bitstream.encode_record(record))
+
+        scale = bitstream.RATE_SCALE if self.ladder.is_variable else 1
+        top = self.ladder.max_rate * scale
+        if not self.ladder.is_variable:
+            for step in range(top, -1, -1):
+                record, length = coded(step)
+                if length <= max_bytes:
+                    return record, None
+            return None, length
+        best, length = coded(top)
+        if length <= max_bytes:
+            return best, None
+        best, lowest = coded(0)
+        if lowest > max_bytes:
+            return None, lowest
+        fits, over = 0, top
+        while over - fits > 1:
+            middle = (fits + over) // 2
+            record, length = coded(middle)
+            if length <= max_bytes:
+                fits, best = middle, record
+            else:
+                over = middle
+        return best, None
 
     def check_record(self, record: Record) -> None:
         """Refuse a record that this codec cannot decode, with the reason."""

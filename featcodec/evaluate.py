@@ -71,7 +71,7 @@ def labelled_images(root: str | Path) -> list[tuple[Path, int]]:
 def evaluate(
     codec: Codec,
     items: list[tuple[Path, int]],
-    rates: list[int],
+    rates: list[float],
     progress: Callable[[str, int, int], None] | None = None,
     baselines: Sequence[str] = (),
     huffman_ladder: Ladder | None = None,
@@ -95,8 +95,8 @@ def evaluate(
         raise FeatcodecError("no images to evaluate")
     for rate in rates:
         codec.ladder.rung(rate)
-    if max_bytes and list(rates) != list(range(codec.num_rates)):
-        raise FeatcodecError("--max-bytes picks a rung per image: evaluate every rung (--sweep)")
+    if max_bytes and list(rates) != codec.ladder.sweep_rates():
+        raise FeatcodecError("--max-bytes picks a rate per image: evaluate every rate (--sweep)")
     anchor = _huffman_codec(codec, huffman_ladder) if "huffman-bu" in methods else None
     prep = codec.spec.preprocessing
     reference, sizes, jpeg_files = reference_set(codec, items, progress, JPEG_QUALITIES if "jpeg" in methods else ())
@@ -191,7 +191,7 @@ class RungRun:
 
 def run_rung(
     codec: Codec,
-    rate: int,
+    rate: float,
     sizes: list[tuple[int, int]],
     reference: Reference,
     progress: Callable[[str, int, int], None] | None,
@@ -268,7 +268,8 @@ def max_bytes_point(runs: Sequence[RungRun], budget: int, reference: Reference) 
         decode_s=sum(run.decode_s[i] for i, run in enumerate(picked)),
     )
     histogram = [chosen.count(run.rate) for run in runs]
-    return point, {"max_bytes": budget, "rungs": histogram, "largest_stream": max(streams)}
+    return point, {"max_bytes": budget, "rates": [run.rate for run in runs], "rungs": histogram,
+                   "largest_stream": max(streams)}
 
 
 def points_csv(*results: dict) -> bytes:

@@ -55,14 +55,37 @@ class Ladder:
     weights_tag: bytes = b""
     path: Path | None = None
 
-    def rung(self, index: int) -> nn.Module:
-        """The BU of rung ``index``; LadderError if out of range."""
-        if not 0 <= index < len(self.rungs):
+    @property
+    def is_variable(self) -> bool:
+        """True for one variable-rate BU (gain units) that serves every real rate in 0..max_rate."""
+        return len(self.rungs) == 1 and bool(self.rungs[0].config.rates)
+
+    @property
+    def max_rate(self) -> int:
+        """The highest rate: the top rung's index, or the variable-rate BU's top anchor."""
+        return self.rungs[0].config.rates - 1 if self.is_variable else len(self.rungs) - 1
+
+    def rung(self, rate: float) -> nn.Module:
+        """What codes at ``rate``: rung ``rate`` of a ladder, or the variable-rate BU at that rate (any
+        real number in range); LadderError if out of range, or fractional for a ladder of rungs."""
+        if not 0 <= rate <= self.max_rate:
+            what = f"takes rates 0..{self.max_rate}" if self.is_variable else f"has rungs 0..{self.max_rate}"
+            raise LadderError(f"rate {rate:g} is out of range: the {self.backbone}/{self.split} ladder {what}")
+        if self.is_variable:
+            return self.rungs[0].at_rate(rate)
+        if not float(rate).is_integer():
             raise LadderError(
-                f"rate index {index} is out of range: the {self.backbone}/{self.split} ladder "
-                f"has rungs 0..{len(self.rungs) - 1}"
+                f"rate {rate:g} is not a rung: the {self.backbone}/{self.split} ladder has rungs 0..{self.max_rate} "
+                f"(fractional rates need a variable-rate ladder)"
             )
-        return self.rungs[index]
+        return self.rungs[int(rate)]
+
+    def sweep_rates(self, step: float = 0.25) -> list[float]:
+        """The rates an ``eval --sweep`` measures: every rung, or for a variable-rate BU every ``step``."""
+        if not self.is_variable:
+            return list(range(len(self.rungs)))
+        count = int(round(self.max_rate / step))
+        return [round(i * step, 6) for i in range(count + 1)]
 
     def is_mixed(self) -> bool:
         """True if some rung's BU is sized differently from ``config``."""

@@ -91,4 +91,6 @@ with warnings.catch_warnings():
     from compressai.ops import quantize_ste  # noqa: E402
 
 ENTROPY_CODER = _ENTROPY_CODER
+__all__ = ["BufferedRansEncoder", "RansDecoder", "EntropyBottleneck", "EntropyModel", "GaussianConditional", "GDN",
+           "quantize_ste", "ENTROPY_CODER"]
 

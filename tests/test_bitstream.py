@@ -72,8 +72,8 @@ def test_unknown_version_rejected():
     data[2], data[3] = 2, 0
     with pytest.raises(BitstreamError, match="unsupported bitstream version 2.0"):
         bitstream.parse_stream(bytes(data))
-    data[2], data[3] = 1, 2
-    with pytest.raises(BitstreamError, match="version 1.2"):
+    data[2], data[3] = 1, 3
+    with pytest.raises(BitstreamError, match="version 1.3"):
         bitstream.parse_stream(bytes(data))
 
 
@@ -83,7 +83,7 @@ def test_streams_of_version_1_0_still_parse_and_say_so():
     body = bitstream.encode_record(make_record())[:-4]
     (parsed,) = bitstream.parse_stream(_with_crc(old_preamble, body))
     assert parsed.version == "1.0" and parsed.record == make_record()
-    assert bitstream.parse_stream(bitstream.write_stream([make_record()]))[0].version == "1.1"
+    assert bitstream.parse_stream(bitstream.write_stream([make_record()]))[0].version == "1.2"
 
 
 def _with_crc(preamble: bytes, body: bytes) -> bytes:
@@ -116,3 +116,24 @@ def test_writer_refuses_out_of_range_fields():
         bitstream.encode_record(make_record(strings=()))
     with pytest.raises(BitstreamError):
         bitstream.write_stream([])
+
+
+def test_a_whole_rate_costs_one_byte_a_fraction_two():
+    whole = bitstream.Record(1, 5, 3, bytes(8), (10, 10), (4, 4), (b"abc",))
+    fractional = bitstream.Record(1, 5, 3.5, bytes(8), (10, 10), (4, 4), (b"abc",))
+    assert len(bitstream.encode_record(fractional)) == len(bitstream.encode_record(whole)) + 1
+    assert bitstream.read_stream(bitstream.write_stream([fractional, whole])) == [fractional, whole]
+    with pytest.raises(BitstreamError, match="multiple of 1/256"):
+        bitstream.encode_record(bitstream.Record(1, 5, 0.1, bytes(8), (10, 10), (4, 4), (b"abc",)))
+    body = bitstream.encode_record(whole)[:-4]
+    zero_fraction = body[:2] + bytes([body[2] | 0x80, 0]) + body[3:]
+    with pytest.raises(BitstreamError, match="zero rate fraction"):
+        bitstream.parse_stream(_with_crc(bitstream.PREAMBLE, zero_fraction))
+
+
+def test_version_1_1_records_still_parse():
+    """A 1.1 record has the same bytes as a 1.2 record of a whole rate; its rate byte is a plain index."""
+    body = bitstream.encode_record(bitstream.Record(1, 5, 3, bytes(8), (10, 10), (4, 4), (b"abc",)))[:-4]
+    body = body[:2] + bytes([200]) + body[3:]  # 1.1 reads the byte as a rung index, high bit and all
+    (parsed,) = bitstream.parse_stream(_with_crc(bitstream.MAGIC + bytes([1, 1]), body))
+    assert parsed.version == "1.1" and parsed.record.rate == 200 and parsed.record.strings == (b"abc",)

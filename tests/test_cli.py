@@ -142,7 +142,7 @@ BAD_STREAMS = {
     "truncated": (lambda d: d[:-5], "truncated"),
     "flipped payload byte": (lambda d: _corrupt(d, len(d) - 10), "CRC-32"),
     "flipped header byte": (lambda d: _corrupt(d, 9), "CRC-32"),
-    "unknown version": (lambda d: d[:2] + b"\x07" + d[3:], "unsupported bitstream version 7.1"),
+    "unknown version": (lambda d: d[:2] + b"\x07" + d[3:], "unsupported bitstream version 7.2"),
     "not a stream": (lambda d: COFFEE.read_bytes(), "not a featcodec stream"),
 }
 
@@ -170,7 +170,7 @@ def test_bad_inputs_fail_with_one_line(capsysbinary, coffee_stream, tmp_path):
         (["decode", tmp_path / "missing.fcb"], "no such file"),
         (["decode", coffee_stream, "--weights", other], "other weights"),
         (["decode", coffee_stream, "--weights", not_image], "not a featcodec ladder"),
-        (["encode", COFFEE, "--rate", "9", "-o", tmp_path / "x.fcb"], "rate index 9 is out of range"),
+        (["encode", COFFEE, "--rate", "9", "-o", tmp_path / "x.fcb"], "rate 9 is out of range"),
         (["encode", COFFEE, "--backbone", "vgg", "-o", tmp_path / "x.fcb"], "unknown backbone 'vgg'"),
         (["encode", COFFEE, "--split", "stage9", "-o", tmp_path / "x.fcb"], "unknown split 'stage9'"),
         (["encode", COFFEE, "--bogus"], "No such option: --bogus"),

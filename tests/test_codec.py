@@ -65,7 +65,7 @@ def test_stream_from_other_weights_is_refused(codec, tmp_path):
 
 
 def test_bad_rate_index(codec):
-    with pytest.raises(LadderError, match="rate index 5 is out of range"):
+    with pytest.raises(LadderError, match="rate 5 is out of range"):
         codec.encode([COFFEE], rate=5)
 
 

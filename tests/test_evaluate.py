@@ -67,7 +67,7 @@ def test_evaluate_max_bytes_picks_each_rung_as_the_encoder_does(codec, labelled_
     assert capped[-1]["bytes_per_image"] == result["points"][-len(budgets) - 1]["bytes_per_image"]  # all at the top
     with pytest.raises(FeatcodecError, match="need more even at rate 0 of efficientnet_lite0/stage3"):
         evaluate(codec, items, rates, max_bytes=[record_sizes[0] - 1])
-    with pytest.raises(FeatcodecError, match="evaluate every rung"):
+    with pytest.raises(FeatcodecError, match="evaluate every rate"):
         evaluate(codec, items, [0], max_bytes=budgets)
 
 
@@ -218,6 +218,6 @@ def test_eval_cli_max_bytes_implies_sweep(labelled_folder, stage3_weights, capsy
     assert choice["max_bytes"] == 100000 and choice["rungs"] == [0] * (len(rungs) - 1) + [2]  # both at the top
     top = [p for p in result["points"] if p["rate"] == rungs[-1]][0]
     assert top["bytes_per_image"] <= choice["largest_stream"] < 2 * top["bytes_per_image"]
-    assert "--max-bytes 100000: images per rung {" in captured.err
+    assert "--max-bytes 100000: images per rate {" in captured.err
     assert main(["eval", "--complexity", "--max-bytes", "200"]) == 2
     assert "leave out --max-bytes" in capsys.readouterr().err

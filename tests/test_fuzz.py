@@ -247,7 +247,8 @@ def crafted_records(draw, tag: bytes, payloads: list[bytes]):
     return bitstream.Record(
         backbone_id=maybe(1, st.integers(0, bitstream.MAX_ID)),
         split_id=maybe(3, st.sampled_from([0, 2, 5, 0x7F])),
-        rate=maybe(draw(st.integers(0, 1)), st.integers(0, 255)),
+        rate=maybe(draw(st.integers(0, 1)), st.integers(0, round(bitstream.MAX_RATE * bitstream.RATE_SCALE)).map(
+            lambda steps: steps / bitstream.RATE_SCALE)),  # whole rates and fractions, as 1.2 records carry them
         weights_tag=maybe(tag, st.binary(min_size=8, max_size=8)),
         image_size=(draw(st.integers(1, bitstream.MAX_IMAGE_SIDE)), draw(st.integers(1, bitstream.MAX_IMAGE_SIDE))),
         latent_shape=maybe((7, 7), st.tuples(*[st.integers(1, bitstream.MAX_LATENT_SIDE)] * 2)),

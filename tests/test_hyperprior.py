@@ -127,7 +127,7 @@ def test_codec_round_trip_and_payload_string_count(tmp_path):
     codec = Codec.load("efficientnet_lite0", "stage5", weights=path)
     stream = codec.encode([COFFEE], rate=1)
     (parsed,) = bitstream.parse_stream(stream)
-    assert len(parsed.record.strings) == 1 and parsed.version == "1.1"
+    assert len(parsed.record.strings) == 1 and parsed.version == "1.2"
     (decoded,) = codec.decode(stream)
     unit = codec.ladder.rung(1)
     x, _ = codec.preprocess(COFFEE)
