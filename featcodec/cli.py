@@ -18,6 +18,7 @@ from typing import List, Optional
 import typer
 from typer.exceptions import TyperException
 
+from .bitstream import format_rate
 from .errors import FeatcodecError
 from .fileio import STDIO, atomic_write_bytes, read_input
 
@@ -76,14 +77,17 @@ def _backbone_source(backbone_weights: Optional[Path], random_init: bool) -> dic
 @app.command()
 def encode(
     images: List[str] = typer.Argument(..., help="Image files, or '-' to read one image from stdin."),
-    rate: int = typer.Option(DEFAULT_RATE, "--rate", "-r", help="Rung of the rate ladder (0 = fewest bytes)."),
+    rate: float = typer.Option(
+        DEFAULT_RATE, "--rate", "-r",
+        help="Rate: a rung of the ladder (0 = fewest bytes), or any real rate of a variable-rate ladder (2.5).",
+    ),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone id."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split point (default: the backbone's)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file, or '-' for stdout."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
     max_bytes: Optional[int] = typer.Option(
         None, "--max-bytes", min=1,
-        help="Per image, use the highest rung whose record fits in this many bytes (overrides --rate).",
+        help="Per image, use the highest rate whose record fits in this many bytes (overrides --rate).",
     ),
     as_json: bool = typer.Option(
         False, "--json", help="Report the rung and bytes per image as JSON (on stdout with -o FILE, else on stderr)."
@@ -97,6 +101,7 @@ def encode(
     to_stdout = output in (None, STDIO)
     if to_stdout and sys.stdout.isatty():
         raise FeatcodecError("refusing to write a binary stream to a terminal: use -o FILE or redirect stdout")
+    from . import bitstream
     from .codec import Codec
     from .images import load_image
 
@@ -104,9 +109,11 @@ def encode(
     sources = [load_image(read_input(name), name="<stdin>" if name == STDIO else name) for name in images]
     codec = Codec.load(backbone, split, weights=weights, **model_source)
     if max_bytes is None:
+        rate = codec.check_rate(rate)
         data, rates = codec.encode(sources, rate), [rate] * len(sources)
     else:
         data, rates = codec.encode_within(sources, max_bytes)
+    rates = [bitstream.format_rate(r) for r in rates]
     if to_stdout:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
@@ -114,8 +121,6 @@ def encode(
         atomic_write_bytes(output, data)
     where = "stdout" if to_stdout else output
     if as_json:
-        from . import bitstream
-
         report = {
             "backbone": codec.spec.name,
             "split": codec.split.name,
@@ -127,7 +132,7 @@ def encode(
             ],
         }
         print(json.dumps(report), file=sys.stderr if to_stdout else sys.stdout)
-    chosen = f"rate {rate}" if max_bytes is None else f"rates {','.join(map(str, rates))} (--max-bytes {max_bytes})"
+    chosen = f"rate {rates[0]}" if max_bytes is None else f"rates {','.join(map(str, rates))} (--max-bytes {max_bytes})"
     _say(f"encoded {len(images)} image(s) with {codec.spec.name}/{codec.split.name} at {chosen}: {len(data)} bytes -> {where}")
 
 
@@ -142,7 +147,7 @@ def _decoded_to_json(result, top: int) -> dict:
         "rank1_label": ranked[0]["label"],
         "rank1_name": ranked[0]["name"],
         "top": ranked,
-        "rate": record.rate,
+        "rate": format_rate(record.rate),
         "bytes": result.bytes,
         "payload_bytes": record.payload_bytes,
         "backbone": backbone,
@@ -206,8 +211,18 @@ def _features_file(results) -> bytes:
     from safetensors.torch import save
 
     tensors = {f"record{r.index}": r.features.contiguous() for r in results}
-    meta = {f"record{r.index}.rate": str(r.record.rate) for r in results}
+    meta = {f"record{r.index}.rate": str(format_rate(r.record.rate)) for r in results}
     return save(tensors, metadata=meta)
+
+
+def _rate_rows(rungs: list[dict]) -> list[tuple]:
+    """(rate, lambda, bytes/image, top-1) per whole rate of a ladder's rung records; a variable-rate
+    BU's one record holds its anchors' lambdas and its measured curve."""
+    if len(rungs) == 1 and "lambdas" in rungs[0]:
+        measured = {point["rate"]: point for point in rungs[0].get("measured", [])}
+        return [(rate, lam, measured.get(rate, {}).get("bytes_per_image"), measured.get(rate, {}).get("top1"))
+                for rate, lam in enumerate(rungs[0]["lambdas"])]
+    return [(k, rung.get("lambda"), rung.get("bytes_per_image"), rung.get("top1")) for k, rung in enumerate(rungs)]
 
 
 @app.command()
@@ -235,7 +250,7 @@ def info(
                 "payload_bytes": record.payload_bytes,
                 "backbone": backbone,
                 "split": split,
-                "rate": record.rate,
+                "rate": bitstream.format_rate(record.rate),
                 "weights_tag": record.weights_tag.hex(),
                 "image_size": list(record.image_size),
                 "latent_shape": list(record.latent_shape),
@@ -308,11 +323,9 @@ def _print_models_table(entries: list[dict]) -> None:
         split_label = e["split"] if e["ladder"] == "featcodec" else f"{e['split']} ({e['ladder']})"
         if not e["rungs"]:
             table.add_row(e["backbone"], split_label, shape, "-", "no ladder shipped", "", "")
-        for k, rung in enumerate(e["rungs"]):
-            measured_bytes = rung.get("bytes_per_image")
-            top1 = rung.get("top1")
+        for rate, lam, measured_bytes, top1 in _rate_rows(e["rungs"]):
             table.add_row(
-                e["backbone"], split_label, shape, str(k), f"{rung.get('lambda', '?'):g}",
+                e["backbone"], split_label, shape, str(rate), f"{lam:g}" if lam is not None else "?",
                 f"{measured_bytes:.1f}" if measured_bytes is not None else "-",
                 f"{100 * top1:.2f}%" if top1 is not None else "-",
             )
@@ -321,8 +334,16 @@ def _print_models_table(entries: list[dict]) -> None:
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., "--data", help="Folder of training images (recursive; no labels needed)."),
-    lambdas: str = typer.Option(..., "--lambdas", help="Comma-separated lambdas, one rung each, low rate first."),
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of training images (recursive; no labels needed)."),
+    lambdas: Optional[str] = typer.Option(
+        None, "--lambdas", help="Comma-separated lambdas, one rung each, low rate first."
+    ),
+    recipe: Optional[Path] = typer.Option(
+        None, "--recipe", help="Train what a recipe file says (settings, BU, data folders and hold-outs; "
+        "see recipes/). Only --out, --cache-dir, --resume, --device, --nproc and --data-root go with it."
+    ),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder the recipe's data paths are under."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
     split: Optional[str] = typer.Option(None, "--split", "-s"),
     distortion: str = typer.Option("mse", "--distortion", help="mse, kd or mse+kd."),
@@ -378,6 +399,10 @@ def train(
         None, "--init-from", help="Start rung k from rung k of this ladder (train further or fine-tune; "
         "its BU config is used)."
     ),
+    variable_rate: bool = typer.Option(
+        False, "--variable-rate", help="Train one hyperprior BU with gain units for every rate: --lambdas are the "
+        "lambdas of its whole rates 0, 1, ...; each step draws a real rate and its lambda (then --rate 2.5 works)."
+    ),
     backbone_weights: Optional[Path] = BACKBONE_WEIGHTS_OPTION,
     random_init: bool = RANDOM_INIT_OPTION,
     nproc: int = typer.Option(
@@ -385,13 +410,18 @@ def train(
         "gloo on CPU, NCCL with --device cuda). For several machines run torchrun yourself, see docs/training.md."
     ),
 ) -> Optional[int]:
-    """Train a rate ladder: one bottleneck unit per lambda, backbone frozen."""
+    """Train a rate ladder (one bottleneck unit per lambda) or a variable-rate BU, backbone frozen."""
+    from .backbones import get_backbone
+    from .train import TrainConfig, check_decoder_only, initial_ladder, list_images, start_config
+
+    if recipe is not None:
+        return _train_recipe(ctx, recipe, data_root, out, cache_dir, resume, device, nproc)
+    if data is None or lambdas is None:
+        raise FeatcodecError("give --data and --lambdas, or --recipe FILE")
     try:
         lambda_values = [float(v) for v in lambdas.split(",") if v.strip()]
     except ValueError:
         raise FeatcodecError(f"--lambdas must be comma-separated numbers, got '{lambdas}'") from None
-    from .backbones import get_backbone
-    from .train import TrainConfig, check_decoder_only, initial_ladder, list_images, start_config, train_ladder
 
     spec = get_backbone(backbone)
     split = spec.split(split or spec.default_split).name
@@ -401,6 +431,7 @@ def train(
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
         pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda, kd_weight=kd_weight, mixup=mixup,
         penultimate_weight=penultimate_weight, rounded_decoder_input=rounded_decoder_input, decoder_only=decoder_only,
+        variable_rate=variable_rate,
     )
     config.validate()
     check_decoder_only(config, init_from)  # before torchrun starts, in one line
@@ -413,25 +444,70 @@ def train(
         raise FeatcodecError(f"--quant-step must be a positive number, got {quant_step}")
     channels, height, width = spec.split(split).shape
     init_ladder = None
+    if variable_rate and entropy not in (None, "hyperprior"):
+        raise FeatcodecError("--variable-rate trains a hyperprior BU with gain units: leave out --entropy")
     if init_from is None:
         bu_config = BottleneckConfig(
             in_channels=channels, out_size=(height, width), latent_channels=latent_channels,
-            hidden_channels=hidden_channels, stride=stride, layers=layers, entropy=entropy or "factorized",
-            quant_step=quant_step, refine_blocks=refine_blocks or 0,
+            hidden_channels=hidden_channels, stride=stride, layers=layers,
+            entropy="hyperprior" if variable_rate else entropy or "factorized",
+            quant_step=quant_step, refine_blocks=refine_blocks or 0, rates=len(lambda_values) if variable_rate else 0,
         )
     else:  # the --init-from ladder's BU, with --entropy/--refine-blocks if given (checked below)
         from .ladder import load_ladder
 
         init_ladder = load_ladder(init_from)  # read once: train_ladder starts from this copy
         bu_config = start_config(init_ladder, entropy, refine_blocks)
-        initial_ladder(init_ladder, spec.name, split, bu_config, len(lambda_values))  # refuse early, in one line
+        initial_ladder(init_ladder, spec.name, split, bu_config, config.units())  # refuse early, in one line
     entropy = bu_config.entropy
     files = list_images(data)
     default_name = f"{split}-{HUFFMAN_VARIANT}" if entropy == "huffman" else split
     out = out or Path("weights") / backbone / f"{default_name}.safetensors"
+    return _run_training(config, data, out, bu_config, files, resume=resume, cache_dir=cache_dir, device=device,
+                         nproc=nproc, init_from=init_ladder, model_source=model_source)
+
+
+_RECIPE_OPTIONS = {"recipe", "data_root", "out", "cache_dir", "resume", "device", "nproc"}
+
+
+def _train_recipe(ctx: typer.Context, path: Path, data_root, out, cache_dir, resume, device, nproc):
+    """``train --recipe``: the recipe's settings, BU and data; refuses other training options."""
+    from .backbones import get_backbone
+    from .bottleneck import BottleneckConfig
+    from .recipe import load_recipe
+    from .train import TrainConfig
+
+    given = [name for name in ctx.params if name not in _RECIPE_OPTIONS
+             and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]  # typer may vendor click
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise FeatcodecError(f"{flags}: the recipe sets these; with --recipe give only --out, --cache-dir, "
+                             f"--resume, --device, --nproc or --data-root")
+    loaded = load_recipe(path, data_root)
+    spec = get_backbone(loaded.backbone)
+    split = spec.split(loaded.split)
+    try:
+        config = TrainConfig(spec.name, split.name, **loaded.train)
+        config.validate()
+        channels, height, width = split.shape
+        variable = {"entropy": "hyperprior", "rates": len(config.lambdas)} if config.variable_rate else {}
+        bu_config = BottleneckConfig(in_channels=channels, out_size=(height, width), **{**loaded.bu, **variable})
+    except TypeError as exc:
+        raise FeatcodecError(f"{path}: {exc}") from None
+    out = out or loaded.out or Path("weights") / spec.name / f"{split.name}.safetensors"
+    record = {"recipe": path.name, "recipe_sha256": loaded.sha256[:16], "data": loaded.describe_data()}
+    return _run_training(config, path.parent, out, bu_config, loaded.files, resume=resume, cache_dir=cache_dir,
+                         device=device, nproc=nproc, record=record)
+
+
+def _run_training(config, data, out, bu_config, files, *, resume, cache_dir, device, nproc, init_from=None,
+                  model_source=None, record=None):
+    """Train (under torchrun with ``nproc`` > 1) with a progress bar on stderr, and say what was written."""
+    from .train import train_ladder
+
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if batch_size % nproc:
-            raise FeatcodecError(f"--batch-size {batch_size} must be a multiple of --nproc {nproc}")
+        if config.batch_size % nproc:
+            raise FeatcodecError(f"--batch-size {config.batch_size} must be a multiple of --nproc {nproc}")
         from .distributed import launch
 
         _say(f"starting {nproc} training processes with torchrun")
@@ -451,8 +527,9 @@ def train(
         def report(event: dict) -> None:
             if event["phase"] == "cache":
                 progress.update(task, completed=event["done"], total=event["total"])
-                if plain_log and event["done"] == event["total"]:
-                    _say(f"feature cache: {event['total']} views")
+                tenth = max(1, event["total"] // 10)
+                if plain_log and (event["done"] % tenth == 0 or event["done"] == event["total"]):
+                    _say(f"feature cache: {event['done']}/{event['total']} views")
                 return
             status = f"loss {event['loss']:.1f} bits {event['bits']:.0f} " + " ".join(
                 f"{k} {event[k]:.4g}" for k in ("mse", "kd", "penultimate") if k in event
@@ -464,10 +541,11 @@ def train(
 
         ladder = train_ladder(
             config, data, out, bu_config, files=files, resume=resume, cache_dir=cache_dir, device=device,
-            reporter=report, init_from=init_ladder, **model_source,
+            reporter=report, init_from=init_from, record=record, **(model_source or {}),
         )
     if is_main:
-        _say(f"wrote {len(ladder.rungs)}-rung ladder -> {out}")
+        kind = f"variable-rate BU (rates 0..{ladder.max_rate})" if ladder.is_variable else f"{len(ladder.rungs)}-rung ladder"
+        _say(f"wrote {kind} -> {out}")
     return None
 
 
@@ -478,8 +556,10 @@ def evaluate_command(
     ),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b"),
     split: Optional[str] = typer.Option(None, "--split", "-s"),
-    sweep: bool = typer.Option(False, "--sweep", help="Evaluate every rung of the ladder."),
-    rate: Optional[int] = typer.Option(None, "--rate", "-r", help="Evaluate this rung only."),
+    sweep: bool = typer.Option(
+        False, "--sweep", help="Evaluate every rung of the ladder (a variable-rate ladder: rates 0, 0.25, 0.5, ...)."
+    ),
+    rate: Optional[float] = typer.Option(None, "--rate", "-r", help="Evaluate this rate only."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N images only."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
@@ -592,7 +672,7 @@ def evaluate_command(
                     tasks[stage] = progress.add_task(prefix + stage, total=total)
                 progress.update(tasks[stage], completed=done)
 
-            rates = list(range(codec.num_rates)) if sweep else [rate]
+            rates = codec.ladder.sweep_rates() if sweep else [codec.check_rate(rate)]
             results.append(
                 evaluate(codec, items, rates, progress=report, baselines=split_methods[codec.split.name],
                          huffman_ladder=anchors.get(codec.split.name), max_bytes=budgets)
@@ -730,8 +810,8 @@ def _print_eval_table(result: dict) -> None:
     from .bitstream import PREAMBLE
 
     for choice in result.get("max_bytes", []):
-        used = ", ".join(f"{rate}: {count}" for rate, count in enumerate(choice["rungs"]) if count)
-        console.print(f"--max-bytes {choice['max_bytes']}: images per rung {{{used}}}, largest stream "
+        used = ", ".join(f"{rate}: {count}" for rate, count in zip(choice["rates"], choice["rungs"]) if count)
+        console.print(f"--max-bytes {choice['max_bytes']}: images per rate {{{used}}}, largest stream "
                       f"{choice['largest_stream']} B (record + {len(PREAMBLE)}-byte preamble)", markup=False)
 
 
@@ -739,9 +819,13 @@ def _record_measurements(ladder, method: str, result: dict, data: Path) -> None:
     """Store the measured bytes and top-1 of ``method``'s points in ``ladder``'s file (new weights tag if changed)."""
     from .ladder import save_ladder
 
-    for point in result["points"]:
-        if point["method"] != method:
-            continue
+    points = [point for point in result["points"] if point["method"] == method]
+    if ladder.is_variable:  # one BU: its measured curve, rate by rate
+        ladder.rung_info[0]["measured"] = [
+            {"rate": point["rate"], "bytes_per_image": round(point["bytes_per_image"], 4), "top1": round(point["top1"], 6)}
+            for point in points
+        ]
+    for point in points if not ladder.is_variable else []:
         ladder.rung_info[point["rate"]].update(
             bytes_per_image=round(point["bytes_per_image"], 4), top1=round(point["top1"], 6)
         )

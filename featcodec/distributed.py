@@ -5,7 +5,7 @@ torchrun itself) trains each BU with DistributedDataParallel: NCCL on GPUs, gloo
 on CPUs. Every step draws the same global batch as a single process would, and a
 DistributedSampler gives each rank its share of it, so the averaged gradient is
 the single-process gradient (up to float rounding and the entropy model's
-training noise). Only rank 0 builds the feature cache and writes checkpoints and
+training noise). Every rank builds its share of the feature cache; rank 0 writes checkpoints and
 the weights file.
 """
 

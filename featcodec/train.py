@@ -4,8 +4,8 @@ The head runs once per augmented view and the split tensors (plus teacher
 logits for distillation) are cached on disk, so training the BUs costs only
 the BU (and, for ``kd``, the frozen tail). Checkpoints are written atomically
 every few hundred steps; ``resume=True`` continues from the last one and
-reaches the same weights as an uninterrupted run, because every batch is drawn
-from a generator seeded by (seed, rung, step).
+reaches the weights of an uninterrupted run up to float rounding (about 1e-8),
+because every batch is drawn from a generator seeded by (seed, rung, step).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from . import distributed
 from .backbones import SplitModel, get_backbone, load_split_model
 from .bottleneck import BottleneckConfig, bits_per_image, make_unit  # noqa: F401 (bits_per_image: public)
 from .errors import FeatcodecError
-from .images import ImageError, load_image
+from .feature_cache import CACHE_FORMAT, FeatureCache, ViewDataset, build_cache, finish_cache, head_outputs
 from .fileio import atomic_write_bytes
 from .ladder import Ladder, load_ladder, save_ladder
 
@@ -63,6 +63,20 @@ class TrainConfig:
     pretrain_lambda: float = 1000.0
     rounded_decoder_input: bool = False  # g_s trains on the rounded latent (straight-through), as it decodes
     decoder_only: bool = False  # train only g_s and the refiner, on the coded latent; payloads unchanged
+    variable_rate: bool = False  # one gain-unit BU for every rate: each step draws a rate and its lambda
+
+    def units(self) -> int:
+        """How many BUs the run trains: one per lambda, or one variable-rate BU."""
+        return 1 if self.variable_rate else len(self.lambdas)
+
+    def rate_and_lambda(self, generator: torch.Generator) -> tuple[float, float]:
+        """A variable-rate step's rate, uniform over 0..len(lambdas)-1, and its lambda: the anchors'
+        lambdas interpolated log-linearly (rate k gives lambdas[k] exactly)."""
+        top = len(self.lambdas) - 1
+        rate = float(torch.rand((), generator=generator, dtype=torch.float64)) * top
+        low = min(int(rate), top - 1)
+        weight = rate - low
+        return rate, math.exp((1 - weight) * math.log(self.lambdas[low]) + weight * math.log(self.lambdas[low + 1]))
 
     def validate(self) -> None:
         """Raise TrainError on values that cannot train."""
@@ -78,6 +92,10 @@ class TrainConfig:
             raise TrainError(f"mixup must be a non-negative number, got {self.mixup}")
         if not (self.penultimate_weight >= 0 and math.isfinite(self.penultimate_weight)):
             raise TrainError(f"the penultimate weight must be a non-negative number, got {self.penultimate_weight}")
+        if self.variable_rate and len(self.lambdas) < 2:
+            raise TrainError("a variable-rate BU needs at least two lambdas: those of its lowest and highest rate")
+        if self.variable_rate and self.decoder_only:
+            raise TrainError("--decoder-only trains rungs of a ladder, not a variable-rate BU")
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -91,18 +109,20 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
-def _augment(prep) -> Callable:
-    import torchvision.transforms as T
+def readable_images(files: list[Path]) -> list[Path]:
+    """The files whose image header PIL can read (a training folder's other files are skipped)."""
+    from PIL import Image, UnidentifiedImageError
 
-    transform = T.Compose(
-        [
-            T.RandomResizedCrop(prep.crop, scale=(0.35, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(prep.mean, prep.std),
-        ]
-    )
-    return transform
+    readable = []
+    for path in files:
+        try:
+            with Image.open(path):
+                readable.append(path)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+            continue
+    if not readable:
+        raise TrainError("none of the data folder's images could be read")
+    return readable
 
 
 def build_feature_cache(
@@ -114,76 +134,28 @@ def build_feature_cache(
     with_logits: bool,
     batch_size: int = 32,
     device: str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
     mixup: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Run the head over ``views`` augmented views of every image: ``{"features", "logits"?}`` in fp16.
-
-    With ``mixup`` > 0, every view after the first blends the image with a view of a random
-    other image, weight ~ Beta(mixup, mixup); the teacher logits are those of the blend, so
-    the student matches the teacher's function on more distinct inputs (view 0 stays plain).
-    """
-    prep = get_backbone(backbone).preprocessing
-    transform = _augment(prep)
-    torch.manual_seed(seed)
-    blend = torch.distributions.Beta(mixup, mixup) if mixup > 0 else None
-    images = []
-    for path in files:
-        try:
-            images.append(load_image(path))
-        except ImageError:
-            continue  # unreadable files in a training folder are skipped
-    if not images:
-        raise TrainError("none of the data folder's images could be read")
+    """The cache in memory, ``{"features", "logits"?}`` in fp16: the same views, in the same order,
+    as the sharded cache on disk (:mod:`featcodec.feature_cache`) holds; for small runs and tests."""
+    dataset = ViewDataset(readable_images(files), backbone, views, seed, mixup)
     features, logits = [], []
-    total = len(images) * views
-    batch: list[torch.Tensor] = []
-
-    def flush() -> None:
-        batch_features, batch_logits = head_outputs(model, torch.stack(batch).to(device), with_logits)
+    for x in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        batch_features, batch_logits = head_outputs(model, x.to(device), with_logits)
         features.append(batch_features)
         if with_logits:
             logits.append(batch_logits)
-        batch.clear()
-
-    done = 0
-    for view in range(views):
-        for image in images:
-            x = transform(image)
-            if blend is not None and view > 0:
-                weight = float(blend.sample())
-                partner = images[int(torch.randint(len(images), ()))]
-                x = weight * x + (1 - weight) * transform(partner)
-            batch.append(x)
-            if len(batch) == batch_size:
-                flush()
-            done += 1
-            if progress:
-                progress(done, total)
-    if batch:
-        flush()
-    cache = {"features": torch.cat(features)}
-    if with_logits:
-        cache["logits"] = torch.cat(logits)
-    return cache
-
-
-def head_outputs(model: SplitModel, x: torch.Tensor, with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One batch's split tensors and (``with_logits``) teacher logits, fp16 on the CPU, as the cache holds them."""
-    with torch.no_grad():
-        split_tensor = model.head(x)
-        logits = model.tail(split_tensor).half().cpu() if with_logits else None
-        return split_tensor.half().cpu(), logits
+    return {"features": torch.cat(features), **({"logits": torch.cat(logits)} if with_logits else {})}
 
 
 def cache_key(config: TrainConfig, files: list[Path], with_logits: bool) -> str:
-    """A hash naming the cache: backbone, split, views, mixup, seed, teacher logits and the images.
+    """A hash naming the cache: its format, backbone, split, views, mixup, seed, teacher logits and the images.
 
     Images count by their path below the data folder and their bytes, so a copy of the folder
     elsewhere (or with new mtimes) finds the same cache, and an edited image builds a new one.
     """
     digest = hashlib.sha256()
-    settings = [config.backbone, config.split, config.views, config.seed, with_logits]
+    settings = [config.backbone, config.split, config.views, config.seed, with_logits, CACHE_FORMAT]
     if config.mixup:
         settings.append(config.mixup)
     digest.update(json.dumps(settings).encode())
@@ -194,27 +166,31 @@ def cache_key(config: TrainConfig, files: list[Path], with_logits: bool) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_file(config: TrainConfig, files: list[Path], cache_dir: str | Path, with_logits: bool) -> Path:
-    """Where the feature cache of this run's settings and images lives in ``cache_dir``."""
-    return Path(cache_dir) / f"{config.backbone}-{config.split}-{cache_key(config, files, with_logits)}.safetensors"
+def cache_dir_for(config: TrainConfig, files: list[Path], cache_dir: str | Path, with_logits: bool) -> Path:
+    """The folder of this run's feature cache (settings and images) in ``cache_dir``."""
+    return Path(cache_dir) / f"{config.backbone}-{config.split}-{cache_key(config, files, with_logits)}"
 
 
 def load_or_build_cache(
-    config: TrainConfig, model: SplitModel, files: list[Path], cache_dir: Path, device: str, progress=None
-) -> dict[str, torch.Tensor]:
-    """The feature cache for this run, built once and kept in ``cache_dir``."""
-    from safetensors.torch import load_file, save
-
+    config: TrainConfig, model: SplitModel, files: list[Path], cache_dir: Path, device: str, progress=None,
+    context: distributed.Context | None = None,
+) -> FeatureCache:
+    """This run's feature cache, built once into ``cache_dir`` (each process builds its share of the
+    shards), then memory-mapped."""
     with_logits = config.distortion != "mse"
-    path = cache_file(config, files, cache_dir, with_logits)
-    if path.is_file():
-        return load_file(str(path))
-    cache = build_feature_cache(
-        model, config.backbone, files, config.views, config.seed, with_logits, device=device, progress=progress,
-        mixup=config.mixup,
-    )
-    atomic_write_bytes(path, save(cache))
-    return cache
+    directory = cache_dir_for(config, files, cache_dir, with_logits)
+    if not (directory / "index.json").is_file():
+        dataset = ViewDataset(readable_images(files), config.backbone, config.views, config.seed, config.mixup)
+        rank, world = (context.rank, context.world_size) if context is not None else (0, 1)
+        build_cache(model, dataset, directory, with_logits, device=device, progress=progress, rank=rank,
+                    world_size=world)
+        if context is not None:
+            context.barrier()
+        if rank == 0:
+            finish_cache(directory, len(dataset), with_logits)
+        if context is not None:
+            context.barrier()
+    return FeatureCache(directory)
 
 
 def tail_outputs(tail: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,13 +209,11 @@ def tail_outputs(tail: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def penultimate_targets(tail: torch.nn.Module, split_tensors: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The tail's penultimate features of every cached split tensor, computed once per run: the
-    penultimate term's targets, so that a training step needs no second pass through the tail."""
-    return torch.cat([
-        tail_outputs(tail, split_tensors[start : start + batch_size].float())[1]
-        for start in range(0, len(split_tensors), batch_size)
-    ])
+def penultimate_targets(tail: torch.nn.Module, chunks: Iterable[torch.Tensor], device: str = "cpu") -> torch.Tensor:
+    """The tail's penultimate features of every cached split tensor, given in ``chunks`` (on ``device``),
+    computed once per run: the penultimate term's targets, so that a training step needs no second
+    pass through the tail."""
+    return torch.cat([tail_outputs(tail, chunk.to(device).float())[1] for chunk in chunks])
 
 
 def distortion(
@@ -320,14 +294,17 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, forward=None,
-                context: distributed.Context | None = None, penultimate_target=None) -> dict[str, float]:
+                context: distributed.Context | None = None, penultimate_target=None,
+                rate: float | None = None) -> dict[str, float]:
     """One optimisation step of loss = bits/image + lam * D, then one aux (quantile) step.
 
-    ``forward`` is the module to run (``unit`` in DistributedDataParallel when distributed).
+    ``forward`` is the module to run (``unit`` in DistributedDataParallel when distributed);
+    ``rate`` is the step's rate for a variable-rate BU (None for a fixed-rate one).
     """
     for group in opt.param_groups:
         group["lr"] = lr
-    output = (forward or unit)(x, rounded_decoder_input=config.rounded_decoder_input or config.decoder_only)
+    at_rate = {} if rate is None else {"rate": rate}
+    output = (forward or unit)(x, rounded_decoder_input=config.rounded_decoder_input or config.decoder_only, **at_rate)
     bits = output["bits"]
     terms = distortion(kind, x, output["x_hat"], teacher, tail, config.kd_temperature, config.kd_weight,
                        config.penultimate_weight, penultimate_target)
@@ -346,7 +323,7 @@ def _train_step(unit, opt, aux_opt, x, teacher, lam, lr, kind, tail, config, for
     return {"loss": loss.item(), "bits": bits.item(), **{k: v.item() for k, v in terms.items()}}
 
 
-def _pretrain(bu_config, features, config: TrainConfig, device: str, reporter,
+def _pretrain(bu_config, cache: FeatureCache, config: TrainConfig, device: str, reporter,
               context: distributed.Context) -> dict[str, torch.Tensor]:
     """Deterministic mse-only training that gives every rung a sensible starting point."""
     torch.manual_seed(config.seed - 1)
@@ -355,8 +332,8 @@ def _pretrain(bu_config, features, config: TrainConfig, device: str, reporter,
     opt, aux_opt = _optimizers(unit, config)
     for step in range(config.pretrain_steps):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 - 1 - step)
-        index = context.shard(torch.randint(len(features), (config.batch_size,), generator=generator))
-        x = features[index.to(device)].float()
+        index = context.shard(torch.randint(len(cache), (config.batch_size,), generator=generator))
+        x = cache.features(index).to(device).float()
         lr = config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / config.pretrain_steps)))
         stats = _train_step(unit, opt, aux_opt, x, None, config.pretrain_lambda, lr, "mse", None, config,
                             forward, context)
@@ -425,6 +402,18 @@ def _decoder_only_info(config: TrainConfig, start: dict) -> dict:
         info["decoder_penultimate_weight"] = config.penultimate_weight
     info["decoder_input"] = "rounded"
     return info
+
+
+def _variable_rate_info(config: TrainConfig, initial: Ladder | None) -> dict:
+    """The record of a variable-rate BU: its anchors' lambdas and how it trained."""
+    return {
+        "lambdas": list(config.lambdas),
+        "steps": config.steps + (initial.rung_info[0].get("steps", 0) if initial else 0),
+        "distortion": config.distortion,
+        **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
+        **({"penultimate_weight": config.penultimate_weight} if config.penultimate_weight else {}),
+        **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
+    }
 
 
 def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
@@ -497,8 +486,11 @@ def train_ladder(
     reporter: Callable[[dict], None] | None = None,
     files: list[Path] | None = None,
     init_from: str | Path | Ladder | None = None,
+    record: dict | None = None,
 ) -> Ladder:
     """Train one BU per lambda on the images under ``data`` and write the ladder to ``out``.
+
+    ``record`` adds to the training record in the file's metadata (a recipe's name and data, say).
 
     ``files`` may pass :func:`list_images` of ``data`` when the caller already listed it.
     ``init_from`` names (or is) a ladder whose rung k starts rung k here (to train a ladder further,
@@ -518,44 +510,45 @@ def train_ladder(
     try:
         return _train(config, data, out, bu_config, spec, point, files, started, context, resume=resume,
                       cache_dir=cache_dir, device=device, backbone_weights=backbone_weights,
-                      random_init=random_init, reporter=reporter if context.is_main else None, init_from=init_from)
+                      random_init=random_init, reporter=reporter if context.is_main else None, init_from=init_from,
+                      record=record)
     finally:
         context.close()
 
 
 def _train(config, data, out, bu_config, spec, point, files, started, context, *, resume, cache_dir, device,
-           backbone_weights, random_init, reporter, init_from) -> Ladder:
+           backbone_weights, random_init, reporter, init_from, record) -> Ladder:
     from safetensors.torch import load_file
 
     if config.batch_size % context.world_size:
         raise TrainError(f"--batch-size {config.batch_size} must be a multiple of the {context.world_size} processes")
     model = load_split_model(spec.name, point.name, backbone_weights, random_init).to(device)
 
-    def cache_for_this_run():
-        return load_or_build_cache(
-            config, model, files, Path(cache_dir or out.parent / ".featcodec-cache"), device,
-            progress=(lambda done, total: reporter({"phase": "cache", "done": done, "total": total})) if reporter else None,
-        )
+    cache = load_or_build_cache(  # every process builds its share of the shards, then all map the whole
+        config, model, files, Path(cache_dir or out.parent / ".featcodec-cache"), device,
+        progress=(lambda done, total: reporter({"phase": "cache", "done": done, "total": total})) if reporter else None,
+        context=context,
+    )
+    channels, height, width = cache.shape
 
-    cache = cache_for_this_run() if context.is_main else None  # rank 0 builds the cache ...
-    context.barrier()
-    if cache is None:
-        cache = cache_for_this_run()  # ... and the other ranks read it
-    features = cache["features"]
-    logits = cache.get("logits")
-    channels, height, width = features.shape[1:]
-    # Batches are drawn from a copy on the training device, so a GPU step copies no features across.
-    device_features = features.to(device)
-    device_logits = logits.to(device) if logits is not None else None
+    def batch(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of split tensors and teacher logits on the training device, gathered from the cache."""
+        x = cache.features(index).to(device).float()
+        return x, cache.logits(index).to(device).float() if cache.has_logits else None
     if init_from is not None and not isinstance(init_from, Ladder):
         init_from = load_ladder(init_from)  # read once
     if bu_config is None and init_from is not None:
         bu_config = init_from.config
-    bu_config = bu_config or BottleneckConfig(in_channels=channels, out_size=(height, width))
+    if bu_config is None:
+        variable = {"entropy": "hyperprior", "rates": len(config.lambdas)} if config.variable_rate else {}
+        bu_config = BottleneckConfig(in_channels=channels, out_size=(height, width), **variable)
+    if config.variable_rate != bool(bu_config.rates) or (bu_config.rates and bu_config.rates != len(config.lambdas)):
+        raise TrainError(f"a variable-rate run trains a BU with one rate per lambda ({len(config.lambdas)}), "
+                         f"a ladder run BUs of one rate; this BU has rates={bu_config.rates}")
     if (bu_config.in_channels, *bu_config.out_size) != (channels, height, width):
         raise TrainError(f"BU config {bu_config} does not fit split tensors of shape {(channels, height, width)}")
 
-    initial = initial_ladder(init_from, spec.name, point.name, bu_config, len(config.lambdas))
+    initial = initial_ladder(init_from, spec.name, point.name, bu_config, config.units())
     finished: list[torch.nn.Module] = []
     first_rung, first_step, resumed = 0, 0, None
     ckpt = checkpoint_path(out)
@@ -574,12 +567,12 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             finished.append(unit)
 
     tail = model.tail if "kd" in config.distortion or config.penultimate_weight else None
-    device_penultimate = penultimate_targets(tail, device_features) if config.penultimate_weight else None
+    device_penultimate = penultimate_targets(tail, cache.chunks(256), device) if config.penultimate_weight else None
     init_state = None
-    for rung in range(first_rung, len(config.lambdas)):
+    for rung in range(first_rung, config.units()):
         lam = config.lambdas[rung]
         if initial is None and config.pretrain_steps and init_state is None and not (config.warm_start and finished):
-            init_state = _pretrain(bu_config, device_features, config, device, reporter, context)
+            init_state = _pretrain(bu_config, cache, config, device, reporter, context)
         torch.manual_seed(config.seed + 1000 * rung)
         unit = make_unit(bu_config)
         if initial is not None:
@@ -601,14 +594,15 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             step = first_step
         while step < config.steps:
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rung * 100_003 + step)
-            index = context.shard(torch.randint(len(features), (config.batch_size,), generator=generator))
-            index = index.to(device)
-            x = device_features[index].float()
-            teacher = device_logits[index].float() if device_logits is not None else None
-            target = device_penultimate[index] if device_penultimate is not None else None
+            index = context.shard(torch.randint(len(cache), (config.batch_size,), generator=generator))
+            x, teacher = batch(index)
+            target = device_penultimate[index.to(device)] if device_penultimate is not None else None
             kind = config.distortion
+            rate = None
+            if config.variable_rate:
+                rate, lam = config.rate_and_lambda(generator)
             stats = _train_step(unit, opt, aux_opt, x, teacher, lam, _learning_rate(config, step), kind, tail, config,
-                                forward, context, target)
+                                forward, context, target, rate)
             step += 1
             if reporter:
                 reporter({"phase": "train", "rung": rung, "step": step, "steps": config.steps, **stats})
@@ -616,9 +610,10 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 _save_checkpoint(ckpt, config, finished, rung, step, unit, opt, aux_opt)
         unit = unit.cpu().eval()
         if not config.decoder_only:  # a decoder-only run keeps the start's tables, so every stream stays
-            unit.build_coding_tables(features)  # CDF tables, or the Huffman code from the training latents
+            # CDF tables, or the Huffman code from the training latents (the only kind that reads them)
+            unit.build_coding_tables(cache.load_all()["features"] if bu_config.entropy == "huffman" else None)
         finished.append(unit)
-        if rung + 1 < len(config.lambdas) and context.is_main:
+        if rung + 1 < config.units() and context.is_main:
             _save_checkpoint(ckpt, config, finished, rung + 1, 0)
 
     elapsed = time.time() - started
@@ -638,7 +633,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
             }
             for k, lam in enumerate(config.lambdas)
-        ],
+        ] if not config.variable_rate else [_variable_rate_info(config, initial)],
         extra={
             "training": {
                 "data": f"{len(files)} images under {Path(data).name}/, {config.views} augmented views each"
@@ -650,6 +645,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 **({"processes": context.world_size} if context.distributed else {}),
                 "git_commit": _git_commit(),
                 "seed": config.seed,
+                **(record or {}),
             }
         },
     )

@@ -52,61 +52,23 @@ def _config(split, views, lam=1.0, mixup=0.0, **kw):
     return TrainConfig("efficientnet_lite0", split, [lam], views=views, mixup=mixup, **args)
 
 
-class _Views(torch.utils.data.Dataset):
-    """View v of image i, augmented with a generator seeded by (seed, v, i): any worker count gives one cache.
-
-    With ``mixup`` > 0, views after the first blend in a view of a random other image, weight ~ Beta(mixup, mixup)
-    (the teacher logits are then those of the blend, as in featcodec.train.build_feature_cache)."""
-
-    def __init__(self, files, views, seed, mixup=0.0):
-        from featcodec.backbones import get_backbone
-        from featcodec.train import _augment
-
-        self.files, self.views, self.seed, self.mixup = files, views, seed, mixup
-        self.transform = _augment(get_backbone("efficientnet_lite0").preprocessing)
-
-    def __len__(self):
-        return len(self.files) * self.views
-
-    def __getitem__(self, index):
-        from featcodec.images import load_image
-
-        view, image = divmod(index, len(self.files))
-        torch.manual_seed(self.seed * 1_000_003 + view * 100_003 + image)
-        x = self.transform(load_image(self.files[image]))
-        if self.mixup > 0 and view > 0:
-            weight = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
-            partner = int(torch.randint(len(self.files), ()))
-            x = weight * x + (1 - weight) * self.transform(load_image(self.files[partner]))
-        return x
-
-
 def build_cache(args):
-    """The cache file `featcodec train` looks for (same name), built with parallel workers on the GPU."""
-    from safetensors.torch import save
-
+    """The feature cache `featcodec train` looks for (same folder), built with parallel workers on the GPU."""
     from featcodec.backbones import load_split_model
-    from featcodec.fileio import atomic_write_bytes
-    from featcodec.train import cache_file, head_outputs, list_images
+    from featcodec.feature_cache import ViewDataset, build_cache as build_shards, finish_cache
+    from featcodec.train import cache_dir_for, list_images
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     config = _config(args.split, args.views, mixup=args.mixup)
     files = list_images(args.data)
-    path = cache_file(config, files, Path(args.work) / "cache", with_logits=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    directory = cache_dir_for(config, files, Path(args.work) / "cache", with_logits=True)
     started = time.time()
     model = load_split_model("efficientnet_lite0", args.split, None, False).to(DEVICE).eval()
-    views = _Views(files, args.views, config.seed, args.mixup)
-    loader = torch.utils.data.DataLoader(views, batch_size=256, num_workers=15, pin_memory=DEVICE != "cpu")
-    features, logits = [], []
-    for x in loader:
-        batch_features, batch_logits = head_outputs(model, x.to(DEVICE, non_blocking=True), with_logits=True)
-        features.append(batch_features)
-        logits.append(batch_logits)
-    cache = {"features": torch.cat(features), "logits": torch.cat(logits)}
-    atomic_write_bytes(path, save(cache))
-    print(f"cache {tuple(cache['features'].shape)} in {time.time() - started:.0f} s -> {path.name}", flush=True)
+    views = ViewDataset(files, "efficientnet_lite0", args.views, config.seed, args.mixup)
+    build_shards(model, views, directory, True, batch_size=256, device=DEVICE, workers=15)
+    finish_cache(directory, len(views), True)
+    print(f"cache of {len(views)} views in {time.time() - started:.0f} s -> {directory.name}", flush=True)
 
 
 def run_job(args):

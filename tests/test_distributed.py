@@ -58,7 +58,7 @@ def test_two_gloo_processes_train_a_ladder_that_matches_a_single_process(image_f
 
     config = TrainConfig("efficientnet_lite0", "stage5", [30.0], distortion="mse", views=1)
     model = load_split_model("efficientnet_lite0", "stage5")
-    features = load_or_build_cache(config, model, list_images(image_folder), cache, "cpu")["features"].float()
+    features = load_or_build_cache(config, model, list_images(image_folder), cache, "cpu").load_all()["features"].float()
 
     def loss(unit) -> float:
         with torch.no_grad():

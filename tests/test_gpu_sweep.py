@@ -37,7 +37,7 @@ def test_sweep_trains_a_job_from_its_init_ladder_and_delivers_it(tmp_path):
     assert training["data"] == "4 images under train/, 1 augmented views each" and training["batch_size"] == 2
     # the cache carries the name `featcodec train --views 1 --distortion mse+kd` looks for
     expected = cache_key(TrainConfig("efficientnet_lite0", "stage5", [2.0], views=1), list_images(data), True)
-    assert (tmp_path / "work" / "cache" / f"efficientnet_lite0-stage5-{expected}.safetensors").is_file()
+    assert (tmp_path / "work" / "cache" / f"efficientnet_lite0-stage5-{expected}" / "index.json").is_file()
 
 
 def test_sweep_job_with_mixup_cache_refiner_blocks_and_decoder_only(tmp_path):
@@ -69,4 +69,4 @@ def test_sweep_job_with_mixup_cache_refiner_blocks_and_decoder_only(tmp_path):
     # a mixup cache has its own name: the one `featcodec train --views 2 --mixup 1 --distortion kd` looks for
     expected = cache_key(TrainConfig("efficientnet_lite0", "stage5", [1.0], views=2, mixup=1.0), list_images(data),
                          True)
-    assert (tmp_path / "work" / "cache" / f"efficientnet_lite0-stage5-{expected}.safetensors").is_file()
+    assert (tmp_path / "work" / "cache" / f"efficientnet_lite0-stage5-{expected}" / "index.json").is_file()
