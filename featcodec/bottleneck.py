@@ -202,6 +202,11 @@ class _SplitTensorShape:
         stride = self.config.stride
         return (height + stride - 1) // stride, (width + stride - 1) // stride
 
+    def synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """The BU decoder on a batch of decoded latents (``decompress_latent``'s): what ``decompress``
+        runs after entropy decoding."""
+        return self._synthesize(y_hat)
+
     def _synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
         height, width = self.config.out_size
         x_hat = self.g_s(y_hat)[..., :height, :width]
@@ -542,6 +547,10 @@ class UnitAtRate:
 
     def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
         return self.unit.decompress(strings, shape, self.rate)
+
+    def synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """The BU decoder on decoded latents of this rate: the inverse gain, then ``g_s`` (and refiner)."""
+        return self.unit._synthesize(y_hat * self.unit._coding_gains(self.rate).latent_inverse.to(y_hat.dtype))
 
     def __getattr__(self, name: str):  # modules and counts (encoder_modules, g_s, ...) are the unit's
         return getattr(self.unit, name)

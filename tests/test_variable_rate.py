@@ -52,6 +52,15 @@ def test_integer_and_fractional_rates_round_trip(codec, rate):
     assert codec.encode([COFFEE], rate=rate) == data  # deterministic
 
 
+def test_synthesize_of_decoded_latents_is_decompress(codec):
+    """What a batching server runs: entropy-decode per record, then the BU decoder on the batch."""
+    unit = codec.ladder.rung(1.5)
+    coded = unit.compress(torch.randn(2, 192, 7, 7))
+    latents = unit.decompress_latent(coded["strings"], coded["shape"])
+    assert torch.allclose(unit.synthesize(latents), unit.decompress(coded["strings"], coded["shape"])["x_hat"],
+                          atol=1e-5)
+
+
 def test_header_carries_the_rate_it_was_coded_at(codec):
     data = codec.encode([COFFEE], rate=1.3)  # not a multiple of 1/256: coded at the nearest one
     (record,) = bitstream.read_stream(data)
