@@ -1,20 +1,11 @@
-"""Shared start of the experiment probes: quiet compressai's import warning, find featcodec.
+"""Shared start of the experiment scripts: runs benchmarks/_bootstrap.py, which finds featcodec (installed or
+in this checkout) and quiets compressai's import warning.
 
-A copy of ``benchmarks/_bootstrap.py``; ROOT is the repository root (this folder's parent).
-
-Each script does ``from _bootstrap import ROOT`` before importing featcodec (Python puts the
-script's folder first on sys.path, so this works from any working directory).
+Each script does ``from _bootstrap import ROOT`` before importing featcodec (Python puts the script's
+folder first on sys.path, so this works from any working directory).
 """
 
-import sys
-import warnings
+import runpy
 from pathlib import Path
 
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")  # raised while importing compressai
-
-ROOT = Path(__file__).resolve().parent.parent
-
-try:
-    import featcodec  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+ROOT = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "_bootstrap.py"))["ROOT"]
