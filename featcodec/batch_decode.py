@@ -7,12 +7,13 @@ codec, on batches of at most ``chunk`` records. A request with a bad record gets
 that record's error; the other requests of the batch are not touched.
 
 This module knows nothing about HTTP: ``featcodec.serve`` calls
-:func:`decode_requests` from its one decoding thread.
+:func:`decode_requests` from its decoding threads (one batch each; the codecs are shared).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class CodecCache:
         self.random_init = random_init
         self.codecs: dict[tuple[str, str, str], Codec] = {}
         self.models: dict[tuple[str, str], SplitModel] = {}
+        self._lock = threading.Lock()  # decoding threads may ask for a codec not loaded yet at the same time
 
     def preload(self, backbone: str = DEFAULT_BACKBONE) -> list[Codec]:
         """Load ``weights``, or every shipped ladder of ``backbone`` (default: the default backbone)."""
@@ -81,19 +83,22 @@ class CodecCache:
 
     def _codec(self, spec, point, path: Path, ladder=None) -> Codec:
         key = (spec.name, point.name, str(path.resolve()))
-        if key not in self.codecs:
-            started = time.perf_counter()
-            ladder = ladder or load_ladder(path)
-            codec = Codec(spec, point, None, ladder)  # refuses a ladder of another split before loading a model
-            if (spec.name, point.name) not in self.models:
-                self.models[spec.name, point.name] = load_split_model(
-                    spec.name, point.name, self.backbone_weights, self.random_init
-                )
-            codec.model = self.models[spec.name, point.name]
-            self.codecs[key] = codec
-            log(f"loaded {spec.name}/{point.name} with {path} ({codec.num_rates} rungs, weights tag "
-                f"{ladder.weights_tag.hex()}) in {time.perf_counter() - started:.1f} s")
-        return self.codecs[key]
+        with self._lock:
+            return self.codecs.get(key) or self._load(key, spec, point, path, ladder)
+
+    def _load(self, key, spec, point, path: Path, ladder=None) -> Codec:
+        started = time.perf_counter()
+        ladder = ladder or load_ladder(path)
+        codec = Codec(spec, point, None, ladder)  # refuses a ladder of another split before loading a model
+        if (spec.name, point.name) not in self.models:
+            self.models[spec.name, point.name] = load_split_model(
+                spec.name, point.name, self.backbone_weights, self.random_init
+            )
+        codec.model = self.models[spec.name, point.name]
+        self.codecs[key] = codec
+        log(f"loaded {spec.name}/{point.name} with {path} ({codec.num_rates} rungs, weights tag "
+            f"{ladder.weights_tag.hex()}) in {time.perf_counter() - started:.1f} s")
+        return codec
 
 
 # The three places that map a record's rate to its rung's BU: adapt these for a variable-rate BU.
@@ -102,9 +107,17 @@ def rung_of(codec: Codec, rate) -> torch.nn.Module:
     return codec.ladder.rung(rate)
 
 
+# Entropy decoding runs in one thread at a time: a hyperprior rung's scale indexes come from
+# torch.func.functional_call on h_s with float64 copies of its parameters, which swaps them into
+# the shared module while it runs (two threads at once left h_s half float64: a 500 under load).
+# It is mostly Python and rANS work that holds the GIL anyway; g_s and the tails run in parallel.
+_ENTROPY_LOCK = threading.Lock()
+
+
 def decode_latent(codec: Codec, record: Record) -> torch.Tensor:
     """Entropy-decode one checked record's latent (1, C, h, w), as ``Codec.decode_split_tensor`` does."""
-    return rung_of(codec, record.rate).decompress_latent([[s] for s in record.strings], record.latent_shape)
+    with _ENTROPY_LOCK:
+        return rung_of(codec, record.rate).decompress_latent([[s] for s in record.strings], record.latent_shape)
 
 
 def synthesize(codec: Codec, rate, latents: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """`featcodec serve`: the real server (uvicorn in a subprocess on a free port) against the CLI's answers.
 
-One server per module, on tiny ladders ($FEATCODEC_WEIGHTS), with a long batching
-wait so that concurrent requests land in one batch; two more servers are stopped
-by SIGTERM and Ctrl-C while requests are in flight.
+One server per module, on tiny ladders ($FEATCODEC_WEIGHTS), with two decoding
+threads and a long batching wait so that concurrent requests land in one batch;
+two more servers are stopped by SIGTERM and Ctrl-C while requests are in flight.
 """
 
 from __future__ import annotations
@@ -68,12 +68,12 @@ class Server:
 
 @pytest.fixture(scope="module")
 def env(weights_dir):
-    return {**os.environ, "FEATCODEC_WEIGHTS": str(weights_dir), "OMP_NUM_THREADS": "1"}  # a server beside pytest
+    return {**os.environ, "FEATCODEC_WEIGHTS": str(weights_dir), "OMP_NUM_THREADS": "1"}  # one decoding thread
 
 
 @pytest.fixture(scope="module")
 def server(env):
-    server = Server(env, "--max-wait-ms", "150", "--max-body", "100000")
+    server = Server({**env, "OMP_NUM_THREADS": "2"}, "--max-wait-ms", "150", "--max-body", "100000")  # 2 threads
     yield server
     assert server.stop() == 0, server.log
     assert "Traceback" not in "\n".join(server.log)
