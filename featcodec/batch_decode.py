@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Union
 
@@ -82,7 +83,7 @@ class CodecCache:
         return self._codec(spec, point, Path(path or find_ladder(spec.name, point.name)))
 
     def _codec(self, spec, point, path: Path, ladder=None) -> Codec:
-        key = (spec.name, point.name, str(path.resolve()))
+        key = (spec.name, point.name, _resolved(str(path)))
         with self._lock:
             return self.codecs.get(key) or self._load(key, spec, point, path, ladder)
 
@@ -99,6 +100,11 @@ class CodecCache:
         log(f"loaded {spec.name}/{point.name} with {path} ({codec.num_rates} rungs, weights tag "
             f"{ladder.weights_tag.hex()}) in {time.perf_counter() - started:.1f} s")
         return codec
+
+
+@lru_cache(maxsize=64)
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
 
 
 # The three places that map a record's rate to its rung's BU: adapt these for a variable-rate BU.
