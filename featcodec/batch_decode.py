@@ -107,9 +107,9 @@ def _resolved(path: str) -> str:
     return str(Path(path).resolve())
 
 
-# The three places that map a record's rate to its rung's BU: adapt these for a variable-rate BU.
+# The three places that map a record's rate to what decodes it.
 def rung_of(codec: Codec, rate) -> torch.nn.Module:
-    """The BU that decodes records of rate ``rate``."""
+    """What decodes records of rate ``rate``: a rung of a ladder, or a variable-rate BU at that rate."""
     return codec.ladder.rung(rate)
 
 
@@ -127,8 +127,8 @@ def decode_latent(codec: Codec, record: Record) -> torch.Tensor:
 
 
 def synthesize(codec: Codec, rate, latents: torch.Tensor) -> torch.Tensor:
-    """The BU decoder (``g_s``, then the refiner if any) on a batch of latents of one rate."""
-    return rung_of(codec, rate)._synthesize(latents)
+    """The BU decoder (a variable-rate BU's inverse gain, ``g_s``, the refiner if any) on latents of one rate."""
+    return rung_of(codec, rate).synthesize(latents)
 
 
 @dataclass

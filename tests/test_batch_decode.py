@@ -68,6 +68,25 @@ def test_a_batch_decodes_as_codec_decode(setup):
         assert (served[f"record{result.index}"] - result.features).abs().max() <= TOLERANCE
 
 
+def test_a_variable_rate_bu_is_batched_per_rate(tmp_path):
+    from featcodec.bottleneck import BottleneckConfig
+    from featcodec.ladder import save_ladder, untrained_ladder
+
+    config = BottleneckConfig(in_channels=192, out_size=(7, 7), latent_channels=8, hidden_channels=16,
+                              entropy="hyperprior", rates=3)
+    ladder = untrained_ladder("efficientnet_lite0", "stage5", config, [1.0])
+    ladder.rung_info = [{"lambdas": [0.05, 1.0, 20.0]}]
+    save_ladder(ladder, tmp_path / "variable.safetensors")
+    codec = Codec.load("efficientnet_lite0", "stage5", weights=tmp_path / "variable.safetensors")
+    assert codec.ladder.is_variable
+    streams = [codec.encode([image], rate=rate) for rate in (0, 0.5, 1.25, 1.25, 2) for image in (COFFEE,)]
+    cache = CodecCache(weights=tmp_path / "variable.safetensors")
+    answers = decode_requests(cache, [DecodeRequest(_with_sizes(data)) for data in streams])
+    for data, answer in zip(streams, answers):
+        assert_rows_match(answer, expected(codec, data))
+    assert [row[0]["rate"] for row in answers] == [0, 0.5, 1.25, 1.25, 2]
+
+
 def _with_rate(data: bytes, rate: int) -> bytes:
     record = bitstream.read_stream(data)[0]
     return bitstream.write_stream([replace(record, rate=rate)])
