@@ -113,17 +113,11 @@ def rung_of(codec: Codec, rate) -> torch.nn.Module:
     return codec.ladder.rung(rate)
 
 
-# Entropy decoding runs in one thread at a time: a hyperprior rung's scale indexes come from
-# torch.func.functional_call on h_s with float64 copies of its parameters, which swaps them into
-# the shared module while it runs (two threads at once left h_s half float64: a 500 under load).
-# It is mostly Python and rANS work that holds the GIL anyway; g_s and the tails run in parallel.
-_ENTROPY_LOCK = threading.Lock()
-
-
 def decode_latent(codec: Codec, record: Record) -> torch.Tensor:
-    """Entropy-decode one checked record's latent (1, C, h, w), as ``Codec.decode_split_tensor`` does."""
-    with _ENTROPY_LOCK:
-        return rung_of(codec, record.rate).decompress_latent([[s] for s in record.strings], record.latent_shape)
+    """Entropy-decode one checked record's latent (1, C, h, w), as ``Codec.decode_split_tensor`` does.
+
+    Threads may call it at once: a hyperprior rung codes with its own float64 copy of ``h_s``."""
+    return rung_of(codec, record.rate).decompress_latent([[s] for s in record.strings], record.latent_shape)
 
 
 def synthesize(codec: Codec, rate, latents: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import copy
 import math
 
 import numpy as np
@@ -354,14 +355,25 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
 
     def _scale_indexes(self, z_hat: torch.Tensor, shape: tuple[int, int], gains: "Gains | None" = None) -> torch.Tensor:
         """The scale-table index of every value of y, from z_hat (z's inverse gain applied), in float64."""
-        params = {name: value.double() for name, value in self.h_s.named_parameters()}
         z_hat = z_hat.double() if gains is None else z_hat.double() * gains.hyper_inverse.double()
-        scales = torch.func.functional_call(self.h_s, params, (z_hat,))[..., : shape[0], : shape[1]]
+        scales = self._h_s_float64()(z_hat)[..., : shape[0], : shape[1]]
         table = self.gaussian_conditional.scale_table.double()
         scales = scales.clamp_min(float(self.gaussian_conditional.lower_bound_scale.bound))
         # index = the first table entry at or above the scale (the top entry for larger scales)
         below = (scales.unsqueeze(-1) > table[:-1]).sum(-1)
         return below.to(torch.int32)
+
+    def _h_s_float64(self) -> nn.Module:
+        """A float64 copy of ``h_s`` for coding, remade when its parameters change.
+
+        A copy rather than the shared module run with swapped parameters, so that several threads
+        may code at once (``featcodec serve`` decodes in a pool of threads)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.h_s.parameters())
+        cached = self.__dict__.get("_h_s64")
+        if cached is None or cached[0] != key:
+            cached = (key, copy.deepcopy(self.h_s).double().requires_grad_(False))
+            self.__dict__["_h_s64"] = cached  # outside the module tree: not a submodule, never saved
+        return cached[1]
 
     def compress(self, x: torch.Tensor) -> dict:
         """Entropy-code a batch: ``{"strings": [[one string per image]], "shape": (h, w) of y}``."""
