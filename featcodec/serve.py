@@ -123,14 +123,15 @@ class Batcher:
         while True:
             await free.acquire()
             batch = await self._collect()
+            if not batch:  # every client of this batch left
+                free.release()
+                continue
             task = asyncio.create_task(self._decode(batch))
             self.decoding.add(task)
             task.add_done_callback(self.decoding.discard)
             task.add_done_callback(lambda _: free.release())
 
     async def _decode(self, batch: list[tuple]) -> None:
-        if not batch:
-            return
         try:
             answers = await asyncio.get_running_loop().run_in_executor(
                 self.executor, decode_requests, self.cache, [request for _, request, _ in batch]
