@@ -362,6 +362,10 @@ def train(
         0.0, "--mixup", min=0.0, help="Blend every view after the first with another image's view, weight ~ "
         "Beta(a, a); the teacher sees the same blend (0: off)."
     ),
+    feature_mixup: float = typer.Option(
+        0.0, "--feature-mixup", min=0.0, help="Blend each step's split tensors with others of the batch, weight ~ "
+        "Beta(a, a), new every step; the targets are the tail's on the blend (0: off)."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Default: weights/<backbone>/<split>.safetensors"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the feature cache is kept."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
@@ -430,6 +434,7 @@ def train(
         backbone, split, lambda_values, distortion=distortion, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, views=views, seed=seed, warm_start=warm_start,
         pretrain_steps=pretrain_steps, pretrain_lambda=pretrain_lambda, kd_weight=kd_weight, mixup=mixup,
+        feature_mixup=feature_mixup,
         penultimate_weight=penultimate_weight, rounded_decoder_input=rounded_decoder_input, decoder_only=decoder_only,
         variable_rate=variable_rate,
     )

@@ -53,6 +53,7 @@ class TrainConfig:
     aux_learning_rate: float = 1e-3
     views: int = 4  # augmented views per image in the feature cache
     mixup: float = 0.0  # Beta(a, a) mixup of views 2..N with another image's view (0: off)
+    feature_mixup: float = 0.0  # Beta(a, a) blend of each step's split tensors with the batch's others, new every step (0: off)
     seed: int = 0
     checkpoint_every: int = 250
     kd_temperature: float = 1.0
@@ -90,6 +91,8 @@ class TrainConfig:
             raise TrainError("steps, batch size and views must be positive")
         if not (self.mixup >= 0 and math.isfinite(self.mixup)):
             raise TrainError(f"mixup must be a non-negative number, got {self.mixup}")
+        if not (self.feature_mixup >= 0 and math.isfinite(self.feature_mixup)):
+            raise TrainError(f"feature mixup must be a non-negative number, got {self.feature_mixup}")
         if not (self.penultimate_weight >= 0 and math.isfinite(self.penultimate_weight)):
             raise TrainError(f"the penultimate weight must be a non-negative number, got {self.penultimate_weight}")
         if self.variable_rate and len(self.lambdas) < 2:
@@ -214,6 +217,26 @@ def penultimate_targets(tail: torch.nn.Module, chunks: Iterable[torch.Tensor], d
     computed once per run: the penultimate term's targets, so that a training step needs no second
     pass through the tail."""
     return torch.cat([tail_outputs(tail, chunk.to(device).float())[1] for chunk in chunks])
+
+
+@torch.no_grad()
+def blend_batch(x: torch.Tensor, alpha: float, generator: torch.Generator, tail: torch.nn.Module | None,
+                with_penultimate: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Feature mixup: each split tensor blended with another of the batch, weight ~ Beta(alpha, alpha)
+    drawn from ``generator``, so every step sees inputs no step saw before. Returns the blend, and the
+    tail's logits and (``with_penultimate``) penultimate features of it as the new targets (None
+    without a tail)."""
+    count = x.shape[0]
+    partner = torch.randperm(count, generator=generator).to(x.device)
+    with torch.random.fork_rng(devices=[]):  # Beta drawn from the step's generator, not the global state
+        torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        weight = torch.distributions.Beta(float(alpha), float(alpha)).sample((count,))
+    weight = weight.to(x.dtype).to(x.device).view(count, *([1] * (x.dim() - 1)))
+    blended = weight * x + (1 - weight) * x[partner]
+    if tail is None:
+        return blended, None, None
+    logits, penultimate = tail_outputs(tail, blended) if with_penultimate else (tail(blended), None)
+    return blended, logits, penultimate
 
 
 def distortion(
@@ -413,6 +436,7 @@ def _variable_rate_info(config: TrainConfig, initial: Ladder | None) -> dict:
         **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
         **({"penultimate_weight": config.penultimate_weight} if config.penultimate_weight else {}),
         **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
+        **({"feature_mixup": config.feature_mixup} if config.feature_mixup else {}),
     }
 
 
@@ -601,6 +625,11 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             rate = None
             if config.variable_rate:
                 rate, lam = config.rate_and_lambda(generator)
+            if config.feature_mixup:
+                x, blended_teacher, blended_target = blend_batch(
+                    x, config.feature_mixup, generator, tail, device_penultimate is not None)
+                teacher = blended_teacher if teacher is not None else None
+                target = blended_target if target is not None else None
             stats = _train_step(unit, opt, aux_opt, x, teacher, lam, _learning_rate(config, step), kind, tail, config,
                                 forward, context, target, rate)
             step += 1
@@ -631,6 +660,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
                 **({"penultimate_weight": config.penultimate_weight} if config.penultimate_weight else {}),
                 **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
+                **({"feature_mixup": config.feature_mixup} if config.feature_mixup else {}),
             }
             for k, lam in enumerate(config.lambdas)
         ] if not config.variable_rate else [_variable_rate_info(config, initial)],

@@ -109,7 +109,7 @@ def test_larger_lambda_gives_more_bits_and_less_distortion(image_folder, tmp_pat
 @pytest.mark.parametrize(
     "changes,message",
     [({"lambdas": [1.0, -2.0]}, "positive"), ({"lambdas": []}, "at least one"), ({"distortion": "l1"}, "unknown distortion"),
-     ({"mixup": -1.0}, "mixup"), ({"mixup": float("nan")}, "mixup"),
+     ({"mixup": -1.0}, "mixup"), ({"mixup": float("nan")}, "mixup"), ({"feature_mixup": -1.0}, "feature mixup"),
      ({"penultimate_weight": -1.0}, "penultimate"), ({"penultimate_weight": float("inf")}, "penultimate")],
 )
 def test_bad_training_settings(changes, message, image_folder, tmp_path):
@@ -321,3 +321,41 @@ def test_penultimate_weight_trains_without_kd_and_is_recorded_per_rung(image_fol
     assert last["penultimate"] > 0 and "kd" not in last
     plain = train_ladder(tiny_config(steps=1), image_folder, tmp_path / "q.safetensors", SMALL_BU, cache_dir=tmp_path / "c")
     assert "penultimate_weight" not in plain.rung_info[0]
+
+
+def test_feature_mixup_blends_within_the_batch_and_targets_the_blend():
+    from featcodec.backbones import load_split_model
+    from featcodec.train import blend_batch, tail_outputs
+
+    tail = load_split_model("efficientnet_lite0", "stage5").eval().tail
+    x = torch.randn(6, 192, 7, 7)
+    blended, logits, penultimate = blend_batch(x, 1.0, torch.Generator().manual_seed(3), tail, True)
+    again, _, _ = blend_batch(x, 1.0, torch.Generator().manual_seed(3), tail, True)
+    other, _, _ = blend_batch(x, 1.0, torch.Generator().manual_seed(4), tail, True)
+    assert torch.equal(blended, again) and not torch.equal(blended, other)  # seeded by the step's generator
+    assert not torch.allclose(blended, x)
+    # every blend is w * x[i] + (1 - w) * x[j] for one partner j and 0 <= w <= 1
+    for i in range(6):
+        fits = []
+        for j in range(6):
+            d = (x[i] - x[j]).flatten()
+            w = 1.0 if j == i else float(((blended[i] - x[j]).flatten() @ d) / (d @ d))
+            fits.append(0 <= w <= 1 and torch.allclose(blended[i], w * x[i] + (1 - w) * x[j], atol=1e-5))
+        assert any(fits)
+    with torch.no_grad():
+        expected_logits, expected_penultimate = tail_outputs(tail, blended)
+    assert torch.allclose(logits, expected_logits) and torch.allclose(penultimate, expected_penultimate)
+    mse_only, none, _ = blend_batch(x, 1.0, torch.Generator().manual_seed(3), None, False)
+    assert torch.equal(mse_only, blended) and none is None
+
+
+def test_feature_mixup_run_is_recorded_and_differs_from_a_plain_run(image_folder, tmp_path):
+    config = dict(distortion="mse+kd", kd_weight=3.0, penultimate_weight=3.0, steps=3)
+    plain = train_ladder(tiny_config(**config), image_folder, tmp_path / "a.safetensors", SMALL_BU,
+                         cache_dir=tmp_path / "c")
+    mixed = train_ladder(tiny_config(feature_mixup=0.5, **config), image_folder, tmp_path / "b.safetensors", SMALL_BU,
+                         cache_dir=tmp_path / "c")
+    assert [info["feature_mixup"] for info in mixed.rung_info] == [0.5, 0.5]
+    assert "feature_mixup" not in plain.rung_info[0]
+    weights = [dict(ladder.rungs[0].named_parameters())["g_s.0.weight"] for ladder in (plain, mixed)]
+    assert not torch.equal(*weights)
