@@ -174,6 +174,7 @@ def test_train_cli_writes_a_ladder_and_reports_bad_settings(image_folder, tmp_pa
         (["--split", "stage9"], "unknown split"),
         (["--distortion", "l1"], "unknown distortion"),
         (["--mixup", "-0.5"], "--mixup"),
+        (["--feature-mixup", "-0.5"], "--feature-mixup"),
         (["--penultimate-weight", "-1"], "--penultimate-weight"),
         (["--data", str(tmp_path / "nothing")], "not found"),
     ]:
