@@ -427,16 +427,23 @@ def _decoder_only_info(config: TrainConfig, start: dict) -> dict:
     return info
 
 
+def _loss_info(config: TrainConfig) -> dict:
+    """The loss settings a BU's record names beside its distortion, each only when it is in use."""
+    return {
+        **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
+        **({"penultimate_weight": config.penultimate_weight} if config.penultimate_weight else {}),
+        **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
+        **({"feature_mixup": config.feature_mixup} if config.feature_mixup else {}),
+    }
+
+
 def _variable_rate_info(config: TrainConfig, initial: Ladder | None) -> dict:
     """The record of a variable-rate BU: its anchors' lambdas and how it trained."""
     return {
         "lambdas": list(config.lambdas),
         "steps": config.steps + (initial.rung_info[0].get("steps", 0) if initial else 0),
         "distortion": config.distortion,
-        **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
-        **({"penultimate_weight": config.penultimate_weight} if config.penultimate_weight else {}),
-        **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
-        **({"feature_mixup": config.feature_mixup} if config.feature_mixup else {}),
+        **_loss_info(config),
     }
 
 
@@ -591,7 +598,9 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             finished.append(unit)
 
     tail = model.tail if "kd" in config.distortion or config.penultimate_weight else None
-    device_penultimate = penultimate_targets(tail, cache.chunks(256), device) if config.penultimate_weight else None
+    # with feature mixup every step's targets come from its blend, so the cached tensors' are not needed
+    device_penultimate = (penultimate_targets(tail, cache.chunks(256), device)
+                          if config.penultimate_weight and not config.feature_mixup else None)
     init_state = None
     for rung in range(first_rung, config.units()):
         lam = config.lambdas[rung]
@@ -626,10 +635,9 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
             if config.variable_rate:
                 rate, lam = config.rate_and_lambda(generator)
             if config.feature_mixup:
-                x, blended_teacher, blended_target = blend_batch(
-                    x, config.feature_mixup, generator, tail, device_penultimate is not None)
+                x, blended_teacher, target = blend_batch(
+                    x, config.feature_mixup, generator, tail, bool(config.penultimate_weight))
                 teacher = blended_teacher if teacher is not None else None
-                target = blended_target if target is not None else None
             stats = _train_step(unit, opt, aux_opt, x, teacher, lam, _learning_rate(config, step), kind, tail, config,
                                 forward, context, target, rate)
             step += 1
@@ -657,10 +665,7 @@ def _train(config, data, out, bu_config, spec, point, files, started, context, *
                 "lambda": lam,
                 "steps": config.steps + (initial.rung_info[k].get("steps", 0) if initial else 0),
                 "distortion": config.distortion,
-                **({"kd_weight": config.kd_weight} if "kd" in config.distortion else {}),
-                **({"penultimate_weight": config.penultimate_weight} if config.penultimate_weight else {}),
-                **({"decoder_input": "rounded"} if config.rounded_decoder_input else {}),
-                **({"feature_mixup": config.feature_mixup} if config.feature_mixup else {}),
+                **_loss_info(config),
             }
             for k, lam in enumerate(config.lambdas)
         ] if not config.variable_rate else [_variable_rate_info(config, initial)],
