@@ -56,6 +56,8 @@ class BottleneckConfig:
     quant_step: float = 1.0  # the huffman BU's quantizer step qp
     refine_blocks: int = 0  # residual blocks after g_s, on the decoder side only (0: none)
     rates: int = 0  # anchor rates of a variable-rate (gain-unit) hyperprior BU; 0: one fixed rate
+    end_kernel: int = 3  # kernel of g_a's first and g_s's last conv (1: wide latents at few parameters)
+    hyper_channels: int = 0  # channels of the hyperprior's z; 0: as many as the latent
 
     def to_dict(self) -> dict:
         """A JSON-ready dict. A factorized BU's dict leaves out the fields added after it (entropy,
@@ -70,6 +72,10 @@ class BottleneckConfig:
             del data["refine_blocks"]
         if not self.rates:
             del data["rates"]
+        if self.end_kernel == 3:
+            del data["end_kernel"]
+        if not self.hyper_channels:
+            del data["hyper_channels"]
         if self.entropy == "factorized":
             del data["entropy"]
         return data
@@ -92,9 +98,22 @@ class BottleneckConfig:
             or not isinstance(config.rates, int)
             or config.rates < 0
             or (config.rates and (config.rates < 2 or config.entropy != "hyperprior"))
+            or config.layout_problem()
         ):
             raise FeatcodecError(f"bad bottleneck config in weights metadata: {data}")
         return config
+
+    def layout_problem(self) -> str | None:
+        """What is wrong with ``end_kernel`` or ``hyper_channels`` (set by a user), else None."""
+        if type(self.end_kernel) is not int or self.end_kernel not in (1, 3):
+            return f"end_kernel must be 1 or 3, got {self.end_kernel!r}"
+        if type(self.hyper_channels) is not int or self.hyper_channels < 0:
+            return f"hyper_channels must be a whole number >= 0, got {self.hyper_channels!r}"
+        if self.end_kernel != 3 and self.entropy == "huffman":
+            return "end_kernel applies to the conv BUs, not the huffman BU"
+        if self.hyper_channels and self.entropy != "hyperprior":
+            return "hyper_channels needs a hyperprior BU (--entropy hyperprior or --variable-rate)"
+        return None
 
 
 def bits_per_image(likelihoods: torch.Tensor) -> torch.Tensor:
@@ -113,7 +132,8 @@ def _encoder(config: BottleneckConfig) -> nn.Sequential:
     for index in range(config.layers):
         last = index == config.layers - 1
         stride = config.stride if last else 1
-        modules.append(nn.Conv2d(widths[index], widths[index + 1], 3, stride=stride, padding=1))
+        kernel = config.end_kernel if index == 0 else 3
+        modules.append(nn.Conv2d(widths[index], widths[index + 1], kernel, stride=stride, padding=kernel // 2))
         if not last:
             modules.append(GDN(widths[index + 1]) if config.gdn else nn.ReLU(inplace=True))
     return nn.Sequential(*modules)
@@ -131,7 +151,8 @@ def _decoder(config: BottleneckConfig) -> nn.Sequential:
                 )
             )
         else:
-            modules.append(nn.Conv2d(widths[index], widths[index + 1], 3, padding=1))
+            kernel = config.end_kernel if last else 3
+            modules.append(nn.Conv2d(widths[index], widths[index + 1], kernel, padding=kernel // 2))
         if not last:
             modules.append(GDN(widths[index + 1], inverse=True) if config.gdn else nn.ReLU(inplace=True))
     return nn.Sequential(*modules)
@@ -304,16 +325,16 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
     def __init__(self, config: BottleneckConfig):
         super().__init__()
         self.config = config
-        n = config.latent_channels
+        n, m = config.latent_channels, config.hyper_channels or config.latent_channels
         self.g_a = _encoder(config)
-        self.h_a = nn.Sequential(nn.Conv2d(n, n, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(n, n, 3, stride=2, padding=1))
+        self.h_a = nn.Sequential(nn.Conv2d(n, m, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(m, m, 3, stride=2, padding=1))
         self.h_s = nn.Sequential(
-            nn.ConvTranspose2d(n, n, 3, stride=2, padding=1, output_padding=1),
+            nn.ConvTranspose2d(m, m, 3, stride=2, padding=1, output_padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(n, n, 3, padding=1),
+            nn.Conv2d(m, n, 3, padding=1),
             nn.Softplus(),
         )
-        self.entropy_bottleneck = EntropyBottleneck(n, entropy_coder=ENTROPY_CODER)
+        self.entropy_bottleneck = EntropyBottleneck(m, entropy_coder=ENTROPY_CODER)
         self.gaussian_conditional = GaussianConditional(None, entropy_coder=ENTROPY_CODER)
         self.latent_means = nn.Parameter(torch.zeros(1, n, 1, 1))  # y is coded as round(y - mean) + mean
         self.g_s = _decoder(config)
@@ -406,7 +427,8 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
         """Decode y from its strings: z first, then y with the scales z gives (with ``gains``: y as
         it was quantized, before the inverse gain)."""
         channels, side_shape = self.config.latent_channels, self.side_shape(shape)
-        y_count, z_count = channels * shape[0] * shape[1], channels * side_shape[0] * side_shape[1]
+        side_channels = self.config.hyper_channels or channels
+        y_count, z_count = channels * shape[0] * shape[1], side_channels * side_shape[0] * side_shape[1]
         if len(strings) == 2:  # bitstream 1.0: y's strings, then z's, each coded alone
             z_strings = [rans.for_decoding(s, z_count) for s in strings[1]]
             z_hat = self.entropy_bottleneck.decompress(z_strings, side_shape)
@@ -415,7 +437,7 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
             y_strings = [rans.for_decoding(s, y_count) for s in strings[0]]
             return self.gaussian_conditional.decompress(y_strings, indexes, dtype=z_hat.dtype, means=means)
         latents = []
-        z_indexes = self.entropy_bottleneck._build_indexes((1, channels, *side_shape))
+        z_indexes = self.entropy_bottleneck._build_indexes((1, side_channels, *side_shape))
         side_medians = self._side_medians()
         z_tables, y_tables = rans.coding_tables(self.entropy_bottleneck), rans.coding_tables(self.gaussian_conditional)
         means = self.latent_means if gains is None else self.latent_means * gains.latent.to(self.latent_means.dtype)
@@ -485,12 +507,12 @@ class GainHyperpriorUnit(HyperpriorBottleneckUnit):
 
     def __init__(self, config: BottleneckConfig):
         super().__init__(config)
-        n = config.latent_channels
+        n, m = config.latent_channels, config.hyper_channels or config.latent_channels
         spread = torch.linspace(math.log(0.25), math.log(2.0), config.rates).unsqueeze(1)  # finer with rate
         self.log_gains = nn.Parameter(spread.repeat(1, n))
         self.log_inverse_gains = nn.Parameter(-spread.repeat(1, n))
-        self.log_hyper_gains = nn.Parameter(torch.zeros(config.rates, n))
-        self.log_hyper_inverse_gains = nn.Parameter(torch.zeros(config.rates, n))
+        self.log_hyper_gains = nn.Parameter(torch.zeros(config.rates, m))
+        self.log_hyper_inverse_gains = nn.Parameter(torch.zeros(config.rates, m))
 
     @property
     def max_rate(self) -> float:

@@ -384,6 +384,13 @@ def train(
     hidden_channels: int = typer.Option(128, "--hidden-channels", min=1, help="BU hidden conv width."),
     stride: int = typer.Option(2, "--stride", min=1, max=2, help="BU latent downsampling: 1 or 2."),
     layers: int = typer.Option(2, "--layers", min=2, help="Conv layers in the BU encoder (and decoder)."),
+    end_kernel: int = typer.Option(
+        3, "--end-kernel", help="Kernel (1 or 3) of the BU encoder's first and decoder's last conv, the ones at "
+        "the split tensor's width: 1 pays for a wider latent."
+    ),
+    hyper_channels: int = typer.Option(
+        0, "--hyper-channels", min=0, help="Channels of a hyperprior BU's side latent z (0: as many as the latent)."
+    ),
     entropy: Optional[str] = typer.Option(
         None, "--entropy", help="factorized (the default: featcodec's BU, learned entropy model, rANS), "
         "hyperprior (the same BU with a scale hyperprior; two payload strings) or huffman "
@@ -457,7 +464,10 @@ def train(
             hidden_channels=hidden_channels, stride=stride, layers=layers,
             entropy="hyperprior" if variable_rate else entropy or "factorized",
             quant_step=quant_step, refine_blocks=refine_blocks or 0, rates=len(lambda_values) if variable_rate else 0,
+            end_kernel=end_kernel, hyper_channels=hyper_channels,
         )
+        if (problem := bu_config.layout_problem()) is not None:
+            raise FeatcodecError(problem.replace("end_kernel", "--end-kernel").replace("hyper_channels", "--hyper-channels"))
     else:  # the --init-from ladder's BU, with --entropy/--refine-blocks if given (checked below)
         from .ladder import load_ladder
 
@@ -497,6 +507,8 @@ def _train_recipe(ctx: typer.Context, path: Path, data_root, out, cache_dir, res
         channels, height, width = split.shape
         variable = {"entropy": "hyperprior", "rates": len(config.lambdas)} if config.variable_rate else {}
         bu_config = BottleneckConfig(in_channels=channels, out_size=(height, width), **{**loaded.bu, **variable})
+        if (problem := bu_config.layout_problem()) is not None:
+            raise FeatcodecError(f"{path}: [bu] {problem}")
     except TypeError as exc:
         raise FeatcodecError(f"{path}: {exc}") from None
     out = out or loaded.out or Path("weights") / spec.name / f"{split.name}.safetensors"

@@ -21,7 +21,8 @@ from .holdout import split_held_out
 
 TOP_KEYS = {"backbone", "split", "out", "data_root", "train", "bu", "data"}
 DATA_KEYS = {"path", "hold_out", "repeat"}
-BU_KEYS = {"latent_channels", "hidden_channels", "stride", "layers", "gdn", "entropy", "quant_step", "refine_blocks"}
+BU_KEYS = {"latent_channels", "hidden_channels", "stride", "layers", "gdn", "entropy", "quant_step", "refine_blocks",
+           "end_kernel", "hyper_channels"}
 
 
 class RecipeError(FeatcodecError):

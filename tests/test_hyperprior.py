@@ -11,6 +11,7 @@ from featcodec import bitstream
 from featcodec.bitstream import BitstreamError
 from featcodec.bottleneck import BottleneckConfig, HyperpriorBottleneckUnit, make_unit
 from featcodec.codec import Codec
+from featcodec.errors import FeatcodecError
 from featcodec.ladder import (LadderError, join_ladders, load_ladder, read_ladder_metadata, save_ladder,
                               untrained_ladder)
 from featcodec.train import TrainConfig, TrainError, train_ladder
@@ -50,6 +51,36 @@ def test_decoded_latent_equals_quantized_latent(shape, stride, gain):
         # one image at a time gives the same strings as the batch
         single = unit.compress(x[1:2])["strings"]
         assert single == [[strings[1]]]
+
+
+def test_wide_latent_with_1x1_ends_and_a_narrow_hyperprior_codes_exactly():
+    """end_kernel 1 and hyper_channels: a wider latent for fewer parameters, coded like any hyperprior BU."""
+    wide = replace(HYPERPRIOR, latent_channels=24, end_kernel=1, hyper_channels=4)
+    unit = coded_unit(wide)
+    assert unit.g_a[0].kernel_size == (1, 1) and unit.g_s[-1].kernel_size == (1, 1)
+    assert unit.entropy_bottleneck.channels == 4 and unit.h_s[-2].out_channels == 24
+    params = sum(p.numel() for p in unit.parameters())
+    assert params < sum(p.numel() for p in make_unit(replace(HYPERPRIOR, latent_channels=24)).parameters())
+    x = torch.randn(3, 192, 7, 7) * 4
+    with torch.no_grad():
+        coded = unit.compress(x)
+        assert torch.equal(unit.decompress_latent(coded["strings"], coded["shape"]), unit.quantized_latent(x))
+    assert BottleneckConfig.from_dict(wide.to_dict()) == wide
+    # ladders written before these fields keep their metadata, and so their weights tags
+    assert not {"end_kernel", "hyper_channels"} & set(HYPERPRIOR.to_dict())
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"end_kernel": 2}, "end_kernel must be 1 or 3"),
+    ({"hyper_channels": -1}, "hyper_channels must be a whole number"),
+    ({"hyper_channels": 4, "entropy": "factorized"}, "hyper_channels needs a hyperprior BU"),
+    ({"end_kernel": 1, "entropy": "huffman"}, "not the huffman BU"),
+])
+def test_bad_layouts_are_named(fields, message):
+    config = replace(HYPERPRIOR, **fields)
+    assert message in config.layout_problem()
+    with pytest.raises(FeatcodecError, match="bad bottleneck config in weights metadata"):
+        BottleneckConfig.from_dict(config.to_dict())
 
 
 def bitstream_1_0_strings(unit: HyperpriorBottleneckUnit, x: torch.Tensor) -> list:
@@ -208,4 +239,12 @@ def test_train_cli_entropy_choice(tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "y.safetensors"), "--init-from", str(hyper), "--entropy", "factorized"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "BU config" in err
+    wide = tmp_path / "wide.safetensors"
+    assert main(base + ["--out", str(wide), "--entropy", "hyperprior", "--end-kernel", "1", "--hyper-channels", "4"]) == 0
+    assert load_ladder(wide).config == replace(load_ladder(hyper).config, end_kernel=1, hyper_channels=4)
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "z.safetensors"), "--end-kernel", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--end-kernel must be 1 or 3" in err
+    assert not (tmp_path / "z.safetensors").exists()
 

@@ -24,6 +24,8 @@ views = 1
 [bu]
 latent_channels = 8
 hidden_channels = 16
+end_kernel = 1
+hyper_channels = 4
 
 [[data]]
 path = "photos"
@@ -62,6 +64,7 @@ def test_train_recipe_end_to_end(data_root, tmp_path, capsys):
     assert "variable-rate BU (rates 0..1)" in capsys.readouterr().err
     ladder = load_ladder(out)
     assert ladder.is_variable and ladder.config.latent_channels == 8
+    assert ladder.config.end_kernel == 1 and ladder.config.hyper_channels == 4
     training = ladder.extra["training"]
     assert training["recipe"] == "tiny.toml" and training["data"] == "5 of photos (3 held out) + 2 of more x2"
 
@@ -89,3 +92,7 @@ def test_recipe_refuses_other_training_options(data_root, tmp_path, capsys):
     assert "--steps: the recipe sets these" in capsys.readouterr().err
     assert main(["train", "--lambdas", "1,2"]) == 2
     assert "give --data and --lambdas, or --recipe FILE" in capsys.readouterr().err
+    path.write_text(RECIPE.replace("end_kernel = 1", "end_kernel = 2"))
+    assert main(["train", "--recipe", str(path), "--data-root", str(data_root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[bu] end_kernel must be 1 or 3, got 2" in err and not out.exists()

@@ -52,6 +52,22 @@ def test_integer_and_fractional_rates_round_trip(codec, rate):
     assert codec.encode([COFFEE], rate=rate) == data  # deterministic
 
 
+@pytest.mark.parametrize("rate", [0.0, 1.5, 2.0])
+def test_gain_unit_with_a_narrow_hyperprior_decodes_what_it_quantized(rate):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    unit = GainHyperpriorUnit(replace(VARIABLE_BU, latent_channels=16, end_kernel=1, hyper_channels=4)).eval()
+    unit.build_coding_tables()
+    x = torch.randn(2, 192, 7, 7)
+    with torch.no_grad():
+        coded = unit.compress(x, rate)
+        gain = unit.gains(rate, torch.float64).latent.float()
+        expected = unit.gaussian_conditional.quantize(unit.g_a(x) * gain, "dequantize", unit.latent_means * gain)
+        assert torch.equal(unit.decompress_latent(coded["strings"], coded["shape"], unit._coding_gains(rate)), expected)
+    assert unit.log_hyper_gains.shape == (3, 4)
+
+
 def test_synthesize_of_decoded_latents_is_decompress(codec):
     """What a batching server runs: entropy-decode per record, then the BU decoder on the batch."""
     unit = codec.ladder.rung(1.5)
