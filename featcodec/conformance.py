@@ -80,6 +80,15 @@ def _decode_details(codec, data: bytes) -> dict:
     }
 
 
+def conformance_rates(codec) -> list[float]:
+    """The rates a ladder's streams are made at: every rung, and for a variable-rate BU also the
+    half-way rate between each pair of whole rates (so fractional rate headers are covered)."""
+    rates: list[float] = list(range(codec.num_rates))
+    if codec.ladder.is_variable:
+        rates += [rate + 0.5 for rate in range(codec.num_rates - 1)]
+    return rates
+
+
 def build(out_dir: Path, photo: Path, ladders: list[Path]) -> dict:
     """Encode ``photo`` at every rung of every ladder into ``out_dir`` and write the manifest."""
     from .codec import Codec
@@ -90,7 +99,7 @@ def build(out_dir: Path, photo: Path, ladders: list[Path]) -> dict:
     for ladder_path in ladders:
         meta = read_ladder_metadata(ladder_path)
         codec = Codec.load(meta["backbone"], meta["split"], weights=ladder_path)
-        for rate in range(codec.num_rates):
+        for rate in conformance_rates(codec):
             data = codec.encode([photo], rate=rate)
             details = _decode_details(codec, data)
             name = f"{codec.spec.name}-{Path(ladder_path).stem}-r{rate}.fcb"  # the stem names the variant

@@ -21,8 +21,11 @@ def test_one_stream_per_shipped_ladder_and_rung():
     shipped = set()
     for path in sorted((ROOT / "weights").glob("*/*.safetensors")):
         meta = read_ladder_metadata(path)
-        shipped |= {(meta["backbone"], meta["split"], rate) for rate in range(len(meta["rungs"]))}
+        whole = meta["bu"].get("rates") or len(meta["rungs"])  # a variable-rate BU: rates 0..rates-1
+        rates = list(range(whole)) + ([rate + 0.5 for rate in range(whole - 1)] if meta["bu"].get("rates") else [])
+        shipped |= {(meta["backbone"], meta["split"], rate) for rate in rates}
     assert shipped and listed == shipped
+    assert any(isinstance(rate, float) for _, _, rate in listed)  # a fractional rate header is covered
 
 
 def test_every_conformance_stream_verifies():

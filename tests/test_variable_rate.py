@@ -4,7 +4,7 @@ searching the continuous rate, old ladders' streams kept apart."""
 import pytest
 import torch
 
-from conftest import COFFEE, make_image_folder
+from conftest import COFFEE, make_image_folder, make_tiny_ladder
 from featcodec import bitstream
 from featcodec.bottleneck import BottleneckConfig, GainHyperpriorUnit
 from featcodec.cli import main
@@ -119,9 +119,10 @@ def test_cli_encode_at_a_fractional_rate_and_decode(variable_ladder, tmp_path, c
 
 
 def test_fixed_ladder_refuses_fractional_rates_and_other_ladders_streams(codec, tmp_path, capsys):
-    shipped = Codec.load("efficientnet_lite0", "stage5")
+    ladder = make_tiny_ladder("efficientnet_lite0", "stage5", tmp_path / "ladder.safetensors")
+    shipped = Codec.load("efficientnet_lite0", "stage5", weights=ladder)  # a per-lambda ladder
     with pytest.raises(FeatcodecError, match="not a rung"):
-        shipped.encode([COFFEE], rate=1.5)
+        shipped.encode([COFFEE], rate=0.5)
     data = shipped.encode([COFFEE], rate=1)
     with pytest.raises(FeatcodecError, match="made with other weights"):
         codec.decode(data)
