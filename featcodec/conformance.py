@@ -90,7 +90,8 @@ def conformance_rates(codec) -> list[float]:
 
 
 def build(out_dir: Path, photo: Path, ladders: list[Path]) -> dict:
-    """Encode ``photo`` at every rung of every ladder into ``out_dir`` and write the manifest."""
+    """Encode ``photo`` at every rate of :func:`conformance_rates` of every ladder into ``out_dir`` and
+    write the manifest."""
     from .codec import Codec
     from .ladder import read_ladder_metadata
 
