@@ -1,6 +1,6 @@
 """BD-rate of one `featcodec eval --csv` curve against another (for example a new ladder against the one it replaces).
 
-    python benchmarks/bd_rate.py docs/results/stage5.csv new-stage5.csv   # NEW from featcodec eval --csv
+    python benchmarks/bd_rate.py docs/results/stage5-ladder.csv docs/results/stage5.csv   # the ladder stage5 replaced
 
 Reads the featcodec rows (not the baselines) of each CSV and prints, for top-1 and for agreement
 with the uncompressed model, the percent change in bytes the TEST curve needs at equal accuracy
