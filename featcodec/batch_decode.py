@@ -2,8 +2,9 @@
 
 Each record is checked (``Codec.check_record``) and entropy-decoded on its own by
 its rung's ``decompress_latent``, as ``Codec.decode`` does. The BU decoder
-(``g_s`` and the refiner) then runs once per (codec, rung) and the tail once per
-codec, on batches of at most ``chunk`` records. A request with a bad record gets
+(``g_s`` and the refiner) then runs once per (codec, rung), or once per codec for
+a variable-rate BU whatever the records' rates, and the tail once per codec, on
+batches of at most ``chunk`` records. A request with a bad record gets
 that record's error; the other requests of the batch are not touched.
 
 This module knows nothing about HTTP: ``featcodec.serve`` calls
@@ -107,21 +108,32 @@ def _resolved(path: str) -> str:
     return str(Path(path).resolve())
 
 
-# The three places that map a record's rate to what decodes it.
+# Where a record's rate decides what decodes it.
 def rung_of(codec: Codec, rate) -> torch.nn.Module:
     """What decodes records of rate ``rate``: a rung of a ladder, or a variable-rate BU at that rate."""
     return codec.ladder.rung(rate)
 
 
 def decode_latent(codec: Codec, record: Record) -> torch.Tensor:
-    """Entropy-decode one checked record's latent (1, C, h, w), as ``Codec.decode_split_tensor`` does.
+    """Entropy-decode one checked record's latent (1, C, h, w), as ``Codec.decode_split_tensor`` does; a
+    variable-rate BU's latent comes times its rate's inverse gain, ready for the shared ``g_s``.
 
     Threads may call it at once: a hyperprior rung codes with its own float64 copy of ``h_s``."""
-    return rung_of(codec, record.rate).decompress_latent([[s] for s in record.strings], record.latent_shape)
+    rung = rung_of(codec, record.rate)
+    latent = rung.decompress_latent([[s] for s in record.strings], record.latent_shape)
+    return rung.decoder_input(latent) if codec.ladder.is_variable else latent
+
+
+def decoder_group(codec: Codec, rate) -> tuple:
+    """Which latents share a BU decoder batch: a rung's, or all of a variable-rate BU's whatever their rate."""
+    return (codec, None) if codec.ladder.is_variable else (codec, rate)
 
 
 def synthesize(codec: Codec, rate, latents: torch.Tensor) -> torch.Tensor:
-    """The BU decoder (a variable-rate BU's inverse gain, ``g_s``, the refiner if any) on latents of one rate."""
+    """The BU decoder (``g_s``, the refiner if any) on ``decode_latent``'s latents of one group: one rung's
+    (``rate``), or a variable-rate BU's of any rates (``rate`` None: the inverse gains are applied)."""
+    if rate is None:
+        return codec.ladder.rungs[0]._synthesize(latents)
     return rung_of(codec, rate).synthesize(latents)
 
 
@@ -188,7 +200,7 @@ def decode_requests(cache: CodecCache, requests: list[DecodeRequest], chunk: int
         for item, row in zip(part, logits):
             item.logits = row
 
-    run_batched(lambda item: (item.codec, item.parsed.record.rate), bu_decoder)
+    run_batched(lambda item: decoder_group(item.codec, item.parsed.record.rate), bu_decoder)
     run_batched(lambda item: item.codec, tail)
     results: list[list[DecodedImage]] = [[] for _ in requests]
     for item in items:

@@ -584,7 +584,12 @@ class UnitAtRate:
 
     def synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
         """The BU decoder on decoded latents of this rate: the inverse gain, then ``g_s`` (and refiner)."""
-        return self.unit._synthesize(y_hat * self.unit._coding_gains(self.rate).latent_inverse.to(y_hat.dtype))
+        return self.unit._synthesize(self.decoder_input(y_hat))
+
+    def decoder_input(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """Decoded latents of this rate times its inverse gain: what ``g_s`` takes, the same for every rate
+        (so latents of several rates can share one ``g_s`` batch)."""
+        return y_hat * self.unit._coding_gains(self.rate).latent_inverse.to(y_hat.dtype)
 
     def __getattr__(self, name: str):  # modules and counts (encoder_modules, g_s, ...) are the unit's
         return getattr(self.unit, name)

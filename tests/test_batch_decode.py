@@ -68,7 +68,7 @@ def test_a_batch_decodes_as_codec_decode(setup):
         assert (served[f"record{result.index}"] - result.features).abs().max() <= TOLERANCE
 
 
-def test_a_variable_rate_bu_is_batched_per_rate(tmp_path):
+def test_a_variable_rate_bu_batches_records_of_all_rates(tmp_path):
     from featcodec.bottleneck import BottleneckConfig
     from featcodec.ladder import save_ladder, untrained_ladder
 
@@ -81,10 +81,14 @@ def test_a_variable_rate_bu_is_batched_per_rate(tmp_path):
     assert codec.ladder.is_variable
     streams = [codec.encode([image], rate=rate) for rate in (0, 0.5, 1.25, 1.25, 2) for image in (COFFEE,)]
     cache = CodecCache(weights=tmp_path / "variable.safetensors")
+    served = cache.preload()[0].ladder.rungs[0]
+    batches = []
+    served.g_s.register_forward_hook(lambda module, inputs, output: batches.append(len(inputs[0])))
     answers = decode_requests(cache, [DecodeRequest(_with_sizes(data)) for data in streams])
     for data, answer in zip(streams, answers):
         assert_rows_match(answer, expected(codec, data))
     assert [row[0]["rate"] for row in answers] == [0, 0.5, 1.25, 1.25, 2]
+    assert batches == [5]  # one g_s batch for four different rates
 
 
 def _with_rate(data: bytes, rate: int) -> bytes:
