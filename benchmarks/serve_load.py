@@ -1,7 +1,7 @@
 """Load and faults for `featcodec serve`: concurrent clients against one-at-a-time `Codec.decode`.
 
-Encodes the example photos (or ``--images``) at every rung of the shipped
-ladder of ``--split`` into one-record streams, times ``Codec.decode`` on them
+Encodes the example photos (or ``--images``) at every whole rate of the shipped
+ladder of ``--split`` (each rung, or a variable-rate BU's rates 0, 1, ...) into one-record streams, times ``Codec.decode`` on them
 one at a time in this process (with torch's default threads and with one; the
 server's "x decode" is against the faster), then starts ``featcodec serve`` on
 127.0.0.1 and drives it with N concurrent clients (async httpx, one connection each). Per
@@ -184,7 +184,7 @@ def main() -> None:
         values, labels = probs.topk(5)
         expected.append((int(labels[0]), {int(k): float(v) for k, v in zip(labels, values)}))
     print(f"efficientnet_lite0/{args.split}: {len(streams)} one-record streams ({len(args.images)} images x "
-          f"{codec.num_rates} rungs, {min(map(len, streams))}-{max(map(len, streams))} bytes), "
+          f"{codec.num_rates} whole rates, {min(map(len, streams))}-{max(map(len, streams))} bytes), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
 
     order = [streams[i % len(streams)] for i in range(args.sequential)]

@@ -98,7 +98,8 @@ class CodecCache:
             )
         codec.model = self.models[spec.name, point.name]
         self.codecs[key] = codec
-        log(f"loaded {spec.name}/{point.name} with {path} ({codec.num_rates} rungs, weights tag "
+        rates = f"rates 0..{codec.ladder.max_rate}" if codec.ladder.is_variable else f"{codec.num_rates} rungs"
+        log(f"loaded {spec.name}/{point.name} with {path} ({rates}, weights tag "
             f"{ladder.weights_tag.hex()}) in {time.perf_counter() - started:.1f} s")
         return codec
 
