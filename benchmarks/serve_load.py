@@ -1,10 +1,10 @@
 """Load and faults for `featcodec serve`: concurrent clients against one-at-a-time `Codec.decode`.
 
 Encodes the example photos (or ``--images``) at every whole rate of the shipped
-ladder of ``--split`` (each rung, or a variable-rate BU's rates 0, 1, ...) into one-record streams, times ``Codec.decode`` on them
-one at a time in this process (with torch's default threads and with one; the
-server's "x decode" is against the faster), then starts ``featcodec serve`` on
-127.0.0.1 and drives it with N concurrent clients (async httpx, one connection each). Per
+ladder of ``--split`` (each rung, or a variable-rate BU's rates 0, 1, ...) into
+one-record streams, times ``Codec.decode`` on them one at a time in this process
+(with torch's default threads and with one; the server's "x decode" is against
+the faster), then starts ``featcodec serve`` on 127.0.0.1 and drives it with N concurrent clients (async httpx, one connection each). Per
 phase it prints records/s and p50/p99 latency, and checks every answer: a valid
 stream must give the top-1 of ``Codec.decode`` with probabilities within 1e-4,
 a corrupt or truncated one a 4xx with a JSON error. The server's RSS is read

@@ -109,33 +109,18 @@ def _resolved(path: str) -> str:
     return str(Path(path).resolve())
 
 
-# Where a record's rate decides what decodes it.
-def rung_of(codec: Codec, rate) -> torch.nn.Module:
-    """What decodes records of rate ``rate``: a rung of a ladder, or a variable-rate BU at that rate."""
-    return codec.ladder.rung(rate)
-
-
 def decode_latent(codec: Codec, record: Record) -> torch.Tensor:
-    """Entropy-decode one checked record's latent (1, C, h, w), as ``Codec.decode_split_tensor`` does; a
-    variable-rate BU's latent comes times its rate's inverse gain, ready for the shared ``g_s``.
+    """Entropy-decode one checked record's latent (1, C, h, w), as ``Codec.decode_split_tensor`` does,
+    as its BU decoder takes it (``decoder_input``: a variable-rate BU's inverse gain applied).
 
     Threads may call it at once: a hyperprior rung codes with its own float64 copy of ``h_s``."""
-    rung = rung_of(codec, record.rate)
-    latent = rung.decompress_latent([[s] for s in record.strings], record.latent_shape)
-    return rung.decoder_input(latent) if codec.ladder.is_variable else latent
+    rung = codec.ladder.rung(record.rate)
+    return rung.decoder_input(rung.decompress_latent([[s] for s in record.strings], record.latent_shape))
 
 
-def decoder_group(codec: Codec, rate) -> tuple:
-    """Which latents share a BU decoder batch: a rung's, or all of a variable-rate BU's whatever their rate."""
-    return (codec, None) if codec.ladder.is_variable else (codec, rate)
-
-
-def synthesize(codec: Codec, rate, latents: torch.Tensor) -> torch.Tensor:
-    """The BU decoder (``g_s``, the refiner if any) on ``decode_latent``'s latents of one group: one rung's
-    (``rate``), or a variable-rate BU's of any rates (``rate`` None: the inverse gains are applied)."""
-    if rate is None:
-        return codec.ladder.rungs[0]._synthesize(latents)
-    return rung_of(codec, rate).synthesize(latents)
+def decoder_of(codec: Codec, rate) -> torch.nn.Module:
+    """The BU decoder of records of rate ``rate``: their rung, or a variable-rate BU for all its rates."""
+    return codec.ladder.rung(rate).decoder
 
 
 @dataclass
@@ -190,9 +175,8 @@ def decode_requests(cache: CodecCache, requests: list[DecodeRequest], chunk: int
                     for item in part:
                         answers[item.request] = exc
 
-    def bu_decoder(key, part: list[_Item]) -> None:
-        codec, rate = key
-        rebuilt = synthesize(codec, rate, torch.cat([item.latent for item in part]))
+    def bu_decoder(decoder, part: list[_Item]) -> None:
+        rebuilt = decoder.synthesize(torch.cat([item.latent for item in part]))
         for item, features in zip(part, rebuilt):
             item.features, item.latent = features, None
 
@@ -201,7 +185,7 @@ def decode_requests(cache: CodecCache, requests: list[DecodeRequest], chunk: int
         for item, row in zip(part, logits):
             item.logits = row
 
-    run_batched(lambda item: decoder_group(item.codec, item.parsed.record.rate), bu_decoder)
+    run_batched(lambda item: decoder_of(item.codec, item.parsed.record.rate), bu_decoder)
     run_batched(lambda item: item.codec, tail)
     results: list[list[DecodedImage]] = [[] for _ in requests]
     for item in items:

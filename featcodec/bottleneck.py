@@ -229,6 +229,16 @@ class _SplitTensorShape:
         runs after entropy decoding."""
         return self._synthesize(y_hat)
 
+    def decoder_input(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """Decoded latents as ``decoder.synthesize`` takes them (a fixed-rate BU: unchanged)."""
+        return y_hat
+
+    @property
+    def decoder(self) -> "_SplitTensorShape":
+        """The BU whose ``synthesize`` rebuilds ``decoder_input``'s latents: latents of one decoder
+        may share a batch."""
+        return self
+
     def _synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
         height, width = self.config.out_size
         x_hat = self.g_s(y_hat)[..., :height, :width]
@@ -584,12 +594,16 @@ class UnitAtRate:
 
     def synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
         """The BU decoder on decoded latents of this rate: the inverse gain, then ``g_s`` (and refiner)."""
-        return self.unit._synthesize(self.decoder_input(y_hat))
+        return self.decoder.synthesize(self.decoder_input(y_hat))
 
     def decoder_input(self, y_hat: torch.Tensor) -> torch.Tensor:
-        """Decoded latents of this rate times its inverse gain: what ``g_s`` takes, the same for every rate
-        (so latents of several rates can share one ``g_s`` batch)."""
+        """Decoded latents of this rate times its inverse gain: what ``g_s`` takes, the same for every rate."""
         return y_hat * self.unit._coding_gains(self.rate).latent_inverse.to(y_hat.dtype)
+
+    @property
+    def decoder(self) -> GainHyperpriorUnit:
+        """The variable-rate BU itself: after ``decoder_input``, latents of every rate share its decoder."""
+        return self.unit
 
     def __getattr__(self, name: str):  # modules and counts (encoder_modules, g_s, ...) are the unit's
         return getattr(self.unit, name)
