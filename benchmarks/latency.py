@@ -36,7 +36,8 @@ from featcodec.complexity import default_ladder
 from featcodec.errors import FeatcodecError
 from featcodec.ladder import LadderError, find_ladder
 
-# For a hyperprior rung, entropy coding and decoding include its hyper networks h_a and h_s.
+# For a hyperprior rung, entropy coding and decoding include its hyper networks h_a and h_s;
+# for a variable-rate BU, "BU decoder" includes its inverse gain.
 STAGES = (
     ("head", "head"),
     ("g_a", "BU encoder (g_a)"),
@@ -105,7 +106,7 @@ def bench_split(codec: Codec, x: torch.Tensor, rate: int, repeats: int, warmup: 
         t3 = clock()
         y_hat = unit.decompress_latent(coded["strings"], coded["shape"])
         t4 = clock()
-        x_hat = unit._synthesize(y_hat)
+        x_hat = unit.synthesize(y_hat)  # a variable-rate BU: its inverse gain, then g_s
         t5 = clock()
         model.tail(x_hat)
         t6 = clock()

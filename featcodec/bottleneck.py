@@ -121,6 +121,12 @@ def bits_per_image(likelihoods: torch.Tensor) -> torch.Tensor:
     return -torch.log2(likelihoods).sum() / likelihoods.shape[0]
 
 
+def scale_table_indexes(scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per scale, the index of the first table entry at or above it (the top entry for larger ones):
+    the count of the other entries strictly below it, found by binary search."""
+    return torch.searchsorted(table[:-1].contiguous(), scales.contiguous()).to(torch.int32)
+
+
 def _round_straight_through(y: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """``round(y - centres) + centres`` with the gradient of the identity."""
     return quantize_ste(y - centres) + centres
@@ -390,9 +396,7 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
         scales = self._h_s_float64()(z_hat)[..., : shape[0], : shape[1]]
         table = self.gaussian_conditional.scale_table.double()
         scales = scales.clamp_min(float(self.gaussian_conditional.lower_bound_scale.bound))
-        # index = the first table entry at or above the scale (the top entry for larger scales)
-        below = (scales.unsqueeze(-1) > table[:-1]).sum(-1)
-        return below.to(torch.int32)
+        return scale_table_indexes(scales, table)
 
     def _h_s_float64(self) -> nn.Module:
         """A float64 copy of ``h_s`` for coding, remade when its parameters change.
@@ -551,9 +555,25 @@ class GainHyperpriorUnit(HyperpriorBottleneckUnit):
 
     def _coding_gains(self, rate: float) -> Gains:
         """The gains at ``rate`` in float64: z's inverse gain feeds the scale indexes, which encoder
-        and decoder must derive alike."""
-        with torch.no_grad():
-            return self.gains(rate, torch.float64)
+        and decoder must derive alike. Kept per rate until the gains change (computing them costs
+        more than a record's scale indexes)."""
+        key = tuple((p.data_ptr(), p._version) for p in self._gain_parameters())
+        cached = self.__dict__.get("_gains64")
+        if cached is None or cached[0] != key:
+            cached = (key, {})
+            self.__dict__["_gains64"] = cached  # outside the module tree: never saved
+        by_rate = cached[1]
+        gains = by_rate.get(float(rate))
+        if gains is None:
+            with torch.no_grad():
+                gains = self.gains(rate, torch.float64)
+            if len(by_rate) >= 1024:  # a sweep of many fractional rates: start over
+                by_rate.clear()
+            by_rate[float(rate)] = gains
+        return gains
+
+    def _gain_parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.log_gains, self.log_inverse_gains, self.log_hyper_gains, self.log_hyper_inverse_gains)
 
     def decompress(self, strings: list, shape: tuple[int, int], rate: float = 0.0) -> dict:
         """Rebuild split tensors coded at ``rate``: ``{"x_hat": tensor}``."""

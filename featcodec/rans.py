@@ -63,20 +63,37 @@ def for_decoding(string: bytes, symbols: int) -> bytes:
 
 
 def coding_tables(model: EntropyModel) -> tuple[list, list, list]:
-    """The quantized CDFs, their lengths and offsets, as CompressAI's coder takes them (build them
-    once per batch: the Gaussian table's conversion takes about 0.2 ms)."""
-    return (
-        model._quantized_cdf.tolist(),
-        model._cdf_length.reshape(-1).int().tolist(),
-        model._offset.reshape(-1).int().tolist(),
-    )
+    """The quantized CDFs, their lengths and offsets, as CompressAI's coder takes them: converted once
+    and kept on ``model`` until its tables change (the Gaussian table's conversion takes about 0.5 ms)."""
+    buffers = (model._quantized_cdf, model._cdf_length, model._offset)
+    key = tuple((b.data_ptr(), b._version, tuple(b.shape)) for b in buffers)
+    cached = model.__dict__.get("_coding_tables")
+    if cached is None or cached[0] != key:
+        cdfs, lengths, offsets = buffers
+        tables = (cdfs.tolist(), lengths.reshape(-1).int().tolist(), offsets.reshape(-1).int().tolist())
+        cached = (key, tables)
+        model.__dict__["_coding_tables"] = cached  # outside the module's state: never saved
+    return cached[1]
+
+
+def _tables_used(tables: tuple, indexes: torch.Tensor) -> tuple[tuple, list]:
+    """Only the CDFs that ``indexes`` names, and the indexes renumbered into them.
+
+    CompressAI's coder converts every CDF it is given on each call (64 x 787 values for a
+    variable-rate BU's Gaussians): passing a record's own CDFs makes coding about three times
+    faster, and the coded bits are the same, since each symbol still uses its own CDF."""
+    used, local = torch.unique(indexes.reshape(-1), return_inverse=True)
+    cdfs, lengths, offsets = tables
+    picked = used.tolist()
+    return ([cdfs[i] for i in picked], [lengths[i] for i in picked], [offsets[i] for i in picked]), local.int().tolist()
 
 
 def encode_groups(groups: list[tuple[tuple, torch.Tensor, torch.Tensor]]) -> bytes:
     """One trimmed rANS string holding each ``(coding tables, symbols, CDF indexes)`` group in turn."""
     encoder = BufferedRansEncoder()
     for tables, symbols, indexes in groups:
-        encoder.encode_with_indexes(symbols.reshape(-1).int().tolist(), indexes.reshape(-1).int().tolist(), *tables)
+        used, local = _tables_used(tables, indexes)
+        encoder.encode_with_indexes(symbols.reshape(-1).int().tolist(), local, *used)
     return trim_state(encoder.flush())
 
 
@@ -91,5 +108,6 @@ class GroupDecoder:
     def decode(self, tables: tuple, indexes: torch.Tensor) -> torch.Tensor:
         """The next group's symbols (int32, shaped like ``indexes``), coded with ``tables``
         (:func:`coding_tables` of its entropy model)."""
-        values = self._decoder.decode_stream(indexes.reshape(-1).int().tolist(), *tables)
+        used, local = _tables_used(tables, indexes)
+        values = self._decoder.decode_stream(local, *used)
         return torch.tensor(values, dtype=torch.int32).reshape(indexes.shape)

@@ -78,3 +78,37 @@ def test_crafted_strings_decode_within_the_guard_words(seed):
         assert torch.equal(guarded, roomy)
     assert torch.equal(model.decompress([rans.for_decoding(rans.trim_state(valid), 8 * 6 * 6)], (6, 6)),
                        model.decompress([valid], (6, 6)))
+
+
+def gaussian_tables():
+    from compressai.entropy_models import GaussianConditional
+
+    model = GaussianConditional(None)
+    model.update_scale_table(torch.exp(torch.linspace(-2.2, 4.1, 64)), force=True)
+    return model
+
+
+def test_coding_with_the_used_tables_only_gives_compressais_bytes():
+    """A record passes only its own CDFs to the coder: the same bits as with the whole table."""
+    from featcodec.lazy_compressai import BufferedRansEncoder
+
+    model = gaussian_tables()
+    tables = rans.coding_tables(model)
+    torch.manual_seed(0)
+    indexes = torch.randint(10, 30, (2, 5, 6)).int()
+    symbols = torch.randint(0, 5, (2, 5, 6)).int()
+    whole = BufferedRansEncoder()
+    whole.encode_with_indexes(symbols.reshape(-1).tolist(), indexes.reshape(-1).tolist(), *tables)
+    string = rans.encode_groups([(tables, symbols, indexes)])
+    assert string == rans.trim_state(whole.flush())
+    decoded = rans.GroupDecoder(string, symbols.numel()).decode(tables, indexes)
+    assert torch.equal(decoded, symbols)
+
+
+def test_coding_tables_are_kept_until_the_model_changes():
+    model = gaussian_tables()
+    first = rans.coding_tables(model)
+    assert rans.coding_tables(model) is first
+    model.update_scale_table(torch.exp(torch.linspace(-2.2, 3.0, 32)), force=True)
+    again = rans.coding_tables(model)
+    assert again is not first and len(again[0]) == 32

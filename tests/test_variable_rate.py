@@ -141,3 +141,25 @@ def test_variable_rate_settings_are_checked(tmp_path):
     images = make_image_folder(tmp_path / "images", 2)
     with pytest.raises(TrainError, match="one rate per lambda"):
         train_ladder(config, images, tmp_path / "x.safetensors", wrong, cache_dir=tmp_path / "cache")
+
+
+def test_scale_indexes_count_the_table_entries_below_each_scale():
+    from featcodec.bottleneck import scale_table_indexes
+
+    table = GainHyperpriorUnit.SCALE_TABLE.double()
+    scales = torch.cat([table, table * (1 + 1e-15), table * (1 - 1e-15), torch.tensor([0.0, 0.11, 1e3]).double(),
+                        torch.rand(501, dtype=torch.float64) * 70])
+    expected = (scales.unsqueeze(-1) > table[:-1]).sum(-1).int()
+    assert torch.equal(scale_table_indexes(scales.reshape(2, -1), table), expected.reshape(2, -1))
+
+
+def test_coding_gains_are_kept_per_rate_until_the_gains_change():
+    torch.manual_seed(0)
+    unit = GainHyperpriorUnit(VARIABLE_BU)
+    first = unit._coding_gains(1.5)
+    assert unit._coding_gains(1.5) is first
+    assert torch.equal(first.latent, unit.gains(1.5, torch.float64).latent)
+    with torch.no_grad():
+        unit.log_gains.add_(0.5)
+    again = unit._coding_gains(1.5)
+    assert again is not first and torch.equal(again.latent, unit.gains(1.5, torch.float64).latent)
