@@ -84,7 +84,7 @@ def encode(
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone id."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split point (default: the backbone's)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file, or '-' for stdout."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use (and its split, unless --split names one)."),
     max_bytes: Optional[int] = typer.Option(
         None, "--max-bytes", min=1,
         help="Per image, use the highest rate whose record fits in this many bytes (overrides --rate).",
@@ -579,7 +579,7 @@ def evaluate_command(
     rate: Optional[float] = typer.Option(None, "--rate", "-r", help="Evaluate this rate only."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N images only."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use (and its split, unless --split names one)."),
     record: bool = typer.Option(
         False, "--record", help="Store each rung's measured bytes and top-1 in the ladder's metadata (and in the "
         "huffman-bu ladder's, when that baseline is measured)."
@@ -770,9 +770,10 @@ def _complexity_command(
         codec.ladder.rung(rate)  # a bad index is a clear error before any timing
     _say("measuring ...")
     report = cost_report(codec, rate)
+    variable = codec.ladder.is_variable
     _say(
-        f"{report['backbone']}/{report['split']}, BU of rung {report['rate']}, batch 1, "
-        f"{report['threads']} thread(s):"
+        f"{report['backbone']}/{report['split']}, {'BU at rate' if variable else 'BU of rung'} {report['rate']}, "
+        f"batch 1, {report['threads']} thread(s):"
     )
     table = Table()
     for column in ("part", "params", "MMACs", "ms/image"):
@@ -780,8 +781,9 @@ def _complexity_command(
     for part in report["parts"]:
         table.add_row(part["part"], f"{part['params']:,}", f"{part['macs'] / 1e6:.2f}", f"{part['ms']:.2f}")
     _stderr().print(table)
+    bus = f"one BU for rates 0..{codec.ladder.max_rate}" if variable else f"{report['ladder_rungs']} BUs"
     _say(
-        f"ladder: {report['ladder_rungs']} BUs, {report['ladder_params']:,} parameters = "
+        f"ladder: {bus}, {report['ladder_params']:,} parameters = "
         f"{report['ladder_percent_of_backbone']:.2f}% of the backbone's {report['backbone_params']:,}"
     )
     if as_json:

@@ -94,11 +94,15 @@ class Codec:
         backbone_weights: str | None = None,
         random_init: bool = False,
     ) -> "Codec":
-        """Build the codec for ``backbone``/``split`` with the shipped ladder, ``weights`` or ``ladder``."""
+        """Build the codec for ``backbone``/``split`` with the shipped ladder, ``weights`` or ``ladder``
+        (without ``split``, the split ``weights`` or ``ladder`` was trained for, else the default)."""
         spec = get_backbone(backbone)
-        point = spec.split(split or spec.default_split)
+        if ladder is None and weights is not None:
+            ladder = load_ladder(weights)
+        trained_for = ladder.split if ladder is not None and ladder.backbone == spec.name else None
+        point = spec.split(split or trained_for or spec.default_split)  # another backbone's: refused below
         if ladder is None:
-            ladder = load_ladder(weights or find_ladder(spec.name, point.name))
+            ladder = load_ladder(find_ladder(spec.name, point.name))
         model = load_split_model(spec.name, point.name, backbone_weights, random_init)
         return cls(spec, point, model, ladder)
 

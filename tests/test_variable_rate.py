@@ -163,3 +163,17 @@ def test_coding_gains_are_kept_per_rate_until_the_gains_change():
         unit.log_gains.add_(0.5)
     again = unit._coding_gains(1.5)
     assert again is not first and torch.equal(again.latent, unit.gains(1.5, torch.float64).latent)
+
+
+def test_complexity_names_one_bu_for_every_rate(variable_ladder, capsys):
+    assert main(["eval", "--complexity", "--weights", str(variable_ladder), "--rate", "1.5"]) == 0
+    err = capsys.readouterr().err
+    assert "BU at rate 1.5" in err and "ladder: one BU for rates 0..2," in err
+
+
+def test_weights_decide_the_split_when_none_is_named(variable_ladder, tmp_path, capsys):
+    assert Codec.load(weights=variable_ladder).split.name == "stage5"
+    out = tmp_path / "a.fcb"
+    assert main(["encode", str(COFFEE), "--weights", str(variable_ladder), "--rate", "1", "-o", str(out)]) == 0
+    with pytest.raises(FeatcodecError, match="weights are for efficientnet_lite0/stage5, not efficientnet_lite0/stage3"):
+        Codec.load(split="stage3", weights=variable_ladder)
