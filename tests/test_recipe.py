@@ -96,3 +96,28 @@ def test_recipe_refuses_other_training_options(data_root, tmp_path, capsys):
     assert main(["train", "--recipe", str(path), "--data-root", str(data_root), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "[bu] end_kernel must be 1 or 3, got 2" in err and not out.exists()
+
+
+
+@pytest.mark.parametrize("split", ["stage2", "stage3", "stage5"])
+def test_each_shipped_ladder_records_its_recipes_settings(split):
+    """recipes/SPLIT.toml is what made weights/efficientnet_lite0/SPLIT.safetensors: the same BU,
+    lambdas, steps and distortion, trained on its folders with the tune set held out."""
+    from pathlib import Path
+
+    from featcodec.recipe import _read_toml
+
+    root = Path(__file__).resolve().parent.parent
+    raw = _read_toml(root / "recipes" / f"{split}.toml")
+    ladder = load_ladder(root / "weights" / "efficientnet_lite0" / f"{split}.safetensors")
+    assert (raw["backbone"], raw["split"]) == (ladder.backbone, ladder.split) and ladder.is_variable
+    info = ladder.rung_info[0]
+    assert info["lambdas"] == raw["train"]["lambdas"] and info["steps"] == raw["train"]["steps"]
+    for key in ("distortion", "kd_weight", "penultimate_weight"):
+        assert info[key] == raw["train"][key], key
+    for key, value in raw["bu"].items():
+        assert getattr(ladder.config, key) == value, key
+    assert ladder.config.rates == len(raw["train"]["lambdas"])
+    described = ladder.extra["training"]["data"]
+    for folder in raw["data"]:
+        assert f"of {folder['path']} ({folder['hold_out']} held out)" in described
