@@ -403,7 +403,7 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
 
         A copy rather than the shared module run with swapped parameters, so that several threads
         may code at once (``featcodec serve`` decodes in a pool of threads)."""
-        key = tuple((p.data_ptr(), p._version) for p in self.h_s.parameters())
+        key = rans.tensors_key(self.h_s.parameters())
         cached = self.__dict__.get("_h_s64")
         if cached is None or cached[0] != key:
             cached = (key, copy.deepcopy(self.h_s).double().requires_grad_(False))
@@ -557,7 +557,7 @@ class GainHyperpriorUnit(HyperpriorBottleneckUnit):
         """The gains at ``rate`` in float64: z's inverse gain feeds the scale indexes, which encoder
         and decoder must derive alike. Kept per rate until the gains change (computing them costs
         more than a record's scale indexes)."""
-        key = tuple((p.data_ptr(), p._version) for p in self._gain_parameters())
+        key = rans.tensors_key(self._gain_parameters())
         cached = self.__dict__.get("_gains64")
         if cached is None or cached[0] != key:
             cached = (key, {})

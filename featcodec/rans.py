@@ -62,11 +62,24 @@ def for_decoding(string: bytes, symbols: int) -> bytes:
     return restore_state(string) + bytes(WORD_BYTES * guard)
 
 
+def tensors_key(tensors) -> tuple:
+    """Identifies the contents of ``tensors`` for a cache: storage and in-place version of each (an
+    inference-mode tensor has no version counter; it cannot change outside inference mode)."""
+
+    def version(tensor: torch.Tensor):
+        try:
+            return tensor._version
+        except RuntimeError:
+            return None
+
+    return tuple((t.data_ptr(), version(t), tuple(t.shape)) for t in tensors)
+
+
 def coding_tables(model: EntropyModel) -> tuple[list, list, list]:
     """The quantized CDFs, their lengths and offsets, as CompressAI's coder takes them: converted once
     and kept on ``model`` until its tables change (the Gaussian table's conversion takes about 0.5 ms)."""
     buffers = (model._quantized_cdf, model._cdf_length, model._offset)
-    key = tuple((b.data_ptr(), b._version, tuple(b.shape)) for b in buffers)
+    key = tensors_key(buffers)
     cached = model.__dict__.get("_coding_tables")
     if cached is None or cached[0] != key:
         cdfs, lengths, offsets = buffers

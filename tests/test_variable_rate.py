@@ -177,3 +177,15 @@ def test_weights_decide_the_split_when_none_is_named(variable_ladder, tmp_path, 
     assert main(["encode", str(COFFEE), "--weights", str(variable_ladder), "--rate", "1", "-o", str(out)]) == 0
     with pytest.raises(FeatcodecError, match="weights are for efficientnet_lite0/stage5, not efficientnet_lite0/stage3"):
         Codec.load(split="stage3", weights=variable_ladder)
+
+
+def test_a_bu_made_in_inference_mode_codes():
+    """Tensors made under torch.inference_mode have no version counter; the coding caches cope."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        unit = GainHyperpriorUnit(VARIABLE_BU).eval()
+        unit.build_coding_tables()
+        x = torch.randn(1, 192, 7, 7)
+        coded = unit.compress(x, 1.0)
+        rebuilt = unit.decompress(coded["strings"], coded["shape"], 1.0)["x_hat"]
+    assert rebuilt.shape == x.shape and torch.isfinite(rebuilt).all()
