@@ -84,7 +84,9 @@ def encode(
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone id."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Split point (default: the backbone's)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file, or '-' for stdout."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use (and its split, unless --split names one)."),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", help="Ladder .safetensors file to use (and its split, unless --split names one)."
+    ),
     max_bytes: Optional[int] = typer.Option(
         None, "--max-bytes", min=1,
         help="Per image, use the highest rate whose record fits in this many bytes (overrides --rate).",
@@ -579,7 +581,9 @@ def evaluate_command(
     rate: Optional[float] = typer.Option(None, "--rate", "-r", help="Evaluate this rate only."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N images only."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Ladder .safetensors file to use (and its split, unless --split names one)."),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", help="Ladder .safetensors file to use (and its split, unless --split names one)."
+    ),
     record: bool = typer.Option(
         False, "--record", help="Store each rung's measured bytes and top-1 in the ladder's metadata (and in the "
         "huffman-bu ladder's, when that baseline is measured)."
