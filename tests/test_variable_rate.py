@@ -175,6 +175,7 @@ def test_weights_decide_the_split_when_none_is_named(variable_ladder, tmp_path, 
     assert Codec.load(weights=variable_ladder).split.name == "stage5"
     out = tmp_path / "a.fcb"
     assert main(["encode", str(COFFEE), "--weights", str(variable_ladder), "--rate", "1", "-o", str(out)]) == 0
+    assert bitstream.read_stream(out.read_bytes())[0].split_id == Codec.load(weights=variable_ladder).split.id
     with pytest.raises(FeatcodecError, match="weights are for efficientnet_lite0/stage5, not efficientnet_lite0/stage3"):
         Codec.load(split="stage3", weights=variable_ladder)
 
