@@ -403,12 +403,9 @@ class HyperpriorBottleneckUnit(_SplitTensorShape, _EntropyCoded):
 
         A copy rather than the shared module run with swapped parameters, so that several threads
         may code at once (``featcodec serve`` decodes in a pool of threads)."""
-        key = rans.tensors_key(self.h_s.parameters())
-        cached = self.__dict__.get("_h_s64")
-        if cached is None or cached[0] != key:
-            cached = (key, copy.deepcopy(self.h_s).double().requires_grad_(False))
-            self.__dict__["_h_s64"] = cached  # outside the module tree: not a submodule, never saved
-        return cached[1]
+        return rans.cached_until_changed(  # outside the module tree: not a submodule
+            self, "_h_s64", self.h_s.parameters(), lambda: copy.deepcopy(self.h_s).double().requires_grad_(False)
+        )
 
     def compress(self, x: torch.Tensor) -> dict:
         """Entropy-code a batch: ``{"strings": [[one string per image]], "shape": (h, w) of y}``."""
@@ -557,12 +554,7 @@ class GainHyperpriorUnit(HyperpriorBottleneckUnit):
         """The gains at ``rate`` in float64: z's inverse gain feeds the scale indexes, which encoder
         and decoder must derive alike. Kept per rate until the gains change (computing them costs
         more than a record's scale indexes)."""
-        key = rans.tensors_key(self._gain_parameters())
-        cached = self.__dict__.get("_gains64")
-        if cached is None or cached[0] != key:
-            cached = (key, {})
-            self.__dict__["_gains64"] = cached  # outside the module tree: never saved
-        by_rate = cached[1]
+        by_rate = rans.cached_until_changed(self, "_gains64", self._gain_parameters(), dict)
         gains = by_rate.get(float(rate))
         if gains is None:
             with torch.no_grad():

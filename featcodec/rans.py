@@ -62,7 +62,7 @@ def for_decoding(string: bytes, symbols: int) -> bytes:
     return restore_state(string) + bytes(WORD_BYTES * guard)
 
 
-def tensors_key(tensors) -> tuple:
+def _tensors_key(tensors) -> tuple:
     """Identifies the contents of ``tensors`` for a cache: storage and in-place version of each (an
     inference-mode tensor has no version counter; it cannot change outside inference mode)."""
 
@@ -75,18 +75,25 @@ def tensors_key(tensors) -> tuple:
     return tuple((t.data_ptr(), version(t), tuple(t.shape)) for t in tensors)
 
 
+def cached_until_changed(owner, name: str, tensors, make):
+    """``make()``, kept in ``owner.__dict__[name]`` (outside any module's state: never saved) until
+    ``tensors`` change."""
+    key = _tensors_key(tensors)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, make())
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
 def coding_tables(model: EntropyModel) -> tuple[list, list, list]:
     """The quantized CDFs, their lengths and offsets, as CompressAI's coder takes them: converted once
     and kept on ``model`` until its tables change (the Gaussian table's conversion takes about 0.5 ms)."""
-    buffers = (model._quantized_cdf, model._cdf_length, model._offset)
-    key = tensors_key(buffers)
-    cached = model.__dict__.get("_coding_tables")
-    if cached is None or cached[0] != key:
-        cdfs, lengths, offsets = buffers
-        tables = (cdfs.tolist(), lengths.reshape(-1).int().tolist(), offsets.reshape(-1).int().tolist())
-        cached = (key, tables)
-        model.__dict__["_coding_tables"] = cached  # outside the module's state: never saved
-    return cached[1]
+    cdfs, lengths, offsets = model._quantized_cdf, model._cdf_length, model._offset
+    return cached_until_changed(
+        model, "_coding_tables", (cdfs, lengths, offsets),
+        lambda: (cdfs.tolist(), lengths.reshape(-1).int().tolist(), offsets.reshape(-1).int().tolist()),
+    )
 
 
 def _tables_used(tables: tuple, indexes: torch.Tensor) -> tuple[tuple, list]:
