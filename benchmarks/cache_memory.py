@@ -1,6 +1,6 @@
 """Peak memory and time of building a training feature cache (sharded, memory-mapped), then of reading it.
 
-    python benchmarks/cache_memory.py --data ../shared/data/pool --split stage2 --views 8 --limit 15000
+    python benchmarks/cache_memory.py --data ../shared/data/train ../shared/data/pool --split stage2 --views 8 --limit 15000
     python benchmarks/cache_memory.py --data ../shared/data/train --split stage2 --views 2 --limit 2000
 
 Builds the cache the way `featcodec train` does (images decoded in DataLoader workers, shards
@@ -31,14 +31,14 @@ def peak_mib(who: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, nargs="+", required=True, help="image folders, taken in order")
     parser.add_argument("--split", default="stage2")
     parser.add_argument("--views", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="use the first N images")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    files = readable_images(list_images(args.data)[: args.limit])
+    files = readable_images([file for folder in args.data for file in list_images(folder)][: args.limit])
     model = load_split_model("efficientnet_lite0", args.split).eval()
     dataset = ViewDataset(files, "efficientnet_lite0", args.views, seed=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,6 +23,7 @@ Decoding a valid string never reads them.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .bitstream import BitstreamError
@@ -102,8 +103,10 @@ def _tables_used(tables: tuple, indexes: torch.Tensor) -> tuple[tuple, list]:
     CompressAI's coder converts every CDF it is given on each call (64 x 787 values for a
     variable-rate BU's Gaussians): passing a record's own CDFs makes coding about three times
     faster, and the coded bits are the same, since each symbol still uses its own CDF."""
-    used, local = torch.unique(indexes.reshape(-1), return_inverse=True)
     cdfs, lengths, offsets = tables
+    flat = indexes.reshape(-1).long()
+    present = torch.bincount(flat, minlength=len(cdfs)) > 0  # a few times faster than torch.unique here
+    used, local = present.nonzero().reshape(-1), (torch.cumsum(present, 0) - 1)[flat]
     picked = used.tolist()
     return ([cdfs[i] for i in picked], [lengths[i] for i in picked], [offsets[i] for i in picked]), local.int().tolist()
 
@@ -130,4 +133,5 @@ class GroupDecoder:
         (:func:`coding_tables` of its entropy model)."""
         used, local = _tables_used(tables, indexes)
         values = self._decoder.decode_stream(local, *used)
-        return torch.tensor(values, dtype=torch.int32).reshape(indexes.shape)
+        # through numpy: about 2.5 times faster than torch.tensor on a list of Python ints
+        return torch.from_numpy(np.array(values, dtype=np.int32)).reshape(indexes.shape)
