@@ -20,6 +20,7 @@ from _bootstrap import ROOT  # noqa: F401
 
 import torch
 
+from featcodec.allocator import reuse_freed_memory
 from featcodec.backbones import load_split_model
 from featcodec.feature_cache import FeatureCache, ViewDataset, build_cache, finish_cache
 from featcodec.train import list_images, readable_images
@@ -36,7 +37,11 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="use the first N images")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's thresholds as they are (featcodec's CLI raises them)")
     args = parser.parse_args()
+    if not args.default_malloc:
+        reuse_freed_memory()  # as `featcodec train` runs
 
     files = readable_images([file for folder in args.data for file in list_images(folder)][: args.limit])
     model = load_split_model("efficientnet_lite0", args.split).eval()

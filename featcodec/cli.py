@@ -18,6 +18,7 @@ from typing import List, Optional
 import typer
 from typer.exceptions import TyperException
 
+from .allocator import reuse_freed_memory
 from .bitstream import format_rate
 from .errors import FeatcodecError
 from .fileio import STDIO, atomic_write_bytes, read_input
@@ -971,6 +972,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+    reuse_freed_memory()
     args = list(sys.argv[1:] if argv is None else argv)
     _ARGV[:] = args
     debug = "--debug" in args
