@@ -25,7 +25,7 @@ def reuse_freed_memory() -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
-    except (OSError, AttributeError):  # not glibc (musl has a mallopt that ignores these)
+    except (OSError, AttributeError):  # no mallopt at all (musl's answers 0 below: refused)
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BELOW)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BELOW))
