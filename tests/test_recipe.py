@@ -98,7 +98,6 @@ def test_recipe_refuses_other_training_options(data_root, tmp_path, capsys):
     assert err.count("\n") == 1 and "[bu] end_kernel must be 1 or 3, got 2" in err and not out.exists()
 
 
-
 @pytest.mark.parametrize("split", ["stage2", "stage3", "stage5"])
 def test_each_shipped_ladder_records_its_recipes_settings(split):
     """recipes/SPLIT.toml is what made weights/efficientnet_lite0/SPLIT.safetensors: the same BU,
