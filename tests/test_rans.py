@@ -89,16 +89,20 @@ def gaussian_tables():
 
 
 def test_coding_with_the_used_tables_only_gives_compressais_bytes():
-    """A record passes only its own CDFs to the coder: the same bits as with the whole table."""
+    """A record passes only its own CDFs, each cut to its length, to the coder: the same bits as
+    CompressAI's whole table of padded rows, bypass-coded values (far outside a CDF) included."""
     from featcodec.lazy_compressai import BufferedRansEncoder
 
     model = gaussian_tables()
     tables = rans.coding_tables(model)
+    assert [len(row) for row in tables[0]] == tables[1] < [model._quantized_cdf.shape[1]] * len(tables[1])
+    padded = (model._quantized_cdf.tolist(), model._cdf_length.int().tolist(), model._offset.int().tolist())
     torch.manual_seed(0)
     indexes = torch.randint(10, 30, (2, 5, 6)).int()
-    symbols = torch.randint(0, 5, (2, 5, 6)).int()
+    symbols = torch.randint(-6, 7, (2, 5, 6)).int()
+    symbols[0, 0, :3] = torch.tensor([-300, 300, 5000])
     whole = BufferedRansEncoder()
-    whole.encode_with_indexes(symbols.reshape(-1).tolist(), indexes.reshape(-1).tolist(), *tables)
+    whole.encode_with_indexes(symbols.reshape(-1).tolist(), indexes.reshape(-1).tolist(), *padded)
     string = rans.encode_groups([(tables, symbols, indexes)])
     assert string == rans.trim_state(whole.flush())
     decoded = rans.GroupDecoder(string, symbols.numel()).decode(tables, indexes)
