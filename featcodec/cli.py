@@ -544,12 +544,16 @@ def _run_training(config, data, out, bu_config, files, *, resume, cache_dir, dev
         # A live bar needs a terminal; into a log file, print a plain line now and then instead.
         plain_log = not progress.console.is_terminal
 
+        logged_tenths = [-1]  # of the cache's views, the last tenth a plain line was printed for
+
         def report(event: dict) -> None:
             if event["phase"] == "cache":
                 progress.update(task, completed=event["done"], total=event["total"])
-                tenth = max(1, event["total"] // 10)
-                if plain_log and (event["done"] % tenth == 0 or event["done"] == event["total"]):
-                    _say(f"feature cache: {event['done']}/{event['total']} views")
+                tenths = 10 * event["done"] // max(1, event["total"])  # the views come 32 at a time
+                if plain_log and tenths > logged_tenths[0]:
+                    logged_tenths[0] = tenths
+                    _say(f"feature cache: {event['done']}/{event['total']} views "
+                         f"({progress.tasks[task].elapsed or 0:.0f} s)")
                 return
             status = f"loss {event['loss']:.1f} bits {event['bits']:.0f} " + " ".join(
                 f"{k} {event[k]:.4g}" for k in ("mse", "kd", "penultimate") if k in event

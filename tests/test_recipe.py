@@ -69,6 +69,18 @@ def test_train_recipe_end_to_end(data_root, tmp_path, capsys):
     assert training["recipe"] == "tiny.toml" and training["data"] == "5 of photos (3 held out) + 2 of more x2"
 
 
+def test_cache_progress_reaches_a_log_file(data_root, tmp_path, capsys):
+    """Into a log file (not a terminal), the cache's progress comes as a plain line per tenth of its
+    views, though they come 32 at a time: 7 images x 5 views = 35, so 32 is no multiple of a tenth."""
+    path = tmp_path / "views.toml"
+    path.write_text(RECIPE.replace("views = 1", "views = 5").replace("hold_out = 3", "hold_out = 1")
+                    .replace('[[data]]\npath = "more"\nrepeat = 2\n', ""))
+    assert main(["train", "--recipe", str(path), "--data-root", str(data_root), "--out", str(tmp_path / "v.safetensors"),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    lines = [line.split(" views")[0] for line in capsys.readouterr().err.splitlines() if "feature cache: " in line]
+    assert lines == ["feature cache: 0/35", "feature cache: 32/35", "feature cache: 35/35"]
+
+
 @pytest.mark.parametrize("text, message", [
     (RECIPE.replace("steps = 6", "stepz = 6"), "unknown key(s) in [train]: stepz"),
     (RECIPE.replace('split = "stage5"', ""), "'split' must be given"),
