@@ -8,7 +8,8 @@ one-record streams, times ``Codec.decode`` on them one at a time in this process
 each). Per phase it prints records/s and p50/p99 latency, and checks every
 answer: a valid stream must give the top-1 of ``Codec.decode`` with probabilities within 1e-4,
 a corrupt or truncated one a 4xx with a JSON error. The server's RSS is read
-from /proc at the start and after each phase. ``Codec.decode`` is timed again
+from /proc at the start and after each phase, and the cores the server and the
+clients (this process) kept busy over the phase, from their CPU seconds. ``Codec.decode`` is timed again
 after the server has stopped: the machine's speed can drift by more than the
 goal's margin within minutes, so the last line gives each phase's records/s
 over the fastest of the four timings.
@@ -53,6 +54,12 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bad_variants(data: bytes, rng: random.Random) -> bytes:
@@ -219,7 +226,7 @@ def main() -> None:
         warm = [(streams[i % len(streams)], expected[i % len(streams)]) for i in range(64)]
         asyncio.run(drive(server.url, warm, 8))
         print(f"{'phase':<28} {'requests':>8} {'records/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'batch':>6} {'failures':>8} {'RSS MiB':>8}")
+              f"{'batch':>6} {'failures':>8} {'RSS MiB':>8} {'CPU server/clients':>18}")
         phases = [(f"{c} clients", int(c), args.requests, 0.0) for c in args.clients.split(",")]
         if args.faults_requests:
             phases.append((f"{args.faults_clients} clients, {args.bad_fraction:.0%} bad", args.faults_clients,
@@ -232,7 +239,9 @@ def main() -> None:
                     work.append((bad_variants(streams[index], rng), None))
                 else:
                     work.append((streams[index], expected[index]))
+            cpu_before = cpu_seconds(pid), cpu_seconds(os.getpid())
             results, wall = asyncio.run(drive(server.url, work, clients))
+            server_cpu, client_cpu = (cpu_seconds(p) - before for p, before in zip((pid, os.getpid()), cpu_before))
             valid = [r for r in results if r[2] is not None]
             latencies = [1000 * r[0] for r in valid]
             problems = failures(results)
@@ -241,7 +250,8 @@ def main() -> None:
             batch = statistics.mean(r[4] for r in valid)  # records in the batch of a valid request, on average
             served.append((name, rate))
             print(f"{name:<28} {count:>8} {rate:>10.1f} {statistics.median(latencies):>7.1f} "
-                  f"{percentile(latencies, 99):>7.1f} {batch:>6.1f} {len(problems):>8} {rss_mib(pid):>8.0f}")
+                  f"{percentile(latencies, 99):>7.1f} {batch:>6.1f} {len(problems):>8} {rss_mib(pid):>8.0f} "
+                  f"{server_cpu / wall:>9.2f}/{client_cpu / wall:<8.2f}")
             for problem in problems[:5]:
                 print(f"  {problem}")
             if bad_fraction:
