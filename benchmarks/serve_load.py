@@ -9,10 +9,13 @@ each). Per phase it prints records/s and p50/p99 latency, and checks every
 answer: a valid stream must give the top-1 of ``Codec.decode`` with probabilities within 1e-4,
 a corrupt or truncated one a 4xx with a JSON error. The server's RSS is read
 from /proc at the start and after each phase, and the cores the server and the
-clients (this process) kept busy over the phase, from their CPU seconds. ``Codec.decode`` is timed again
-after the server has stopped: the machine's speed can drift by more than the
-goal's margin within minutes, so the last line gives each phase's records/s
-over the fastest of the four timings.
+clients (this process) kept busy over the phase, from their CPU seconds.
+
+The machine's speed can drift by more than the goal's margin within a minute,
+so each phase runs in ``--chunks`` parts with ``Codec.decode`` timed again
+after each, and "x decode" is each part's records/s over the faster of the two
+timings around it (each the better of the two thread counts): the median over
+the parts, then the lowest and highest.
 
     python benchmarks/serve_load.py                        # stage3: 32 and 8 clients, then 10,000 requests, 10 % bad
     python benchmarks/serve_load.py --split stage5 --faults-requests 2000
@@ -166,8 +169,8 @@ def tail_batches(split: str, sizes=(1, 2, 4, 8, 16, 32), repeats: int = 20) -> N
             print(f"  batch {size:>2}: {1000 * statistics.median(times) / size:.2f} ms/image")
 
 
-def time_one_at_a_time(codec: Codec, order: list[bytes], when: str) -> list[float]:
-    """Records/s of ``Codec.decode`` on ``order`` one at a time, with torch's default threads and with one."""
+def time_one_at_a_time(codec: Codec, order: list[bytes], say: bool = False) -> float:
+    """Records/s of ``Codec.decode`` on ``order`` one at a time: the better of torch's default threads and one."""
     rates = []
     default = torch.get_num_threads()
     for threads in sorted({default, 1}, reverse=True):
@@ -177,10 +180,11 @@ def time_one_at_a_time(codec: Codec, order: list[bytes], when: str) -> list[floa
             codec.decode(data)
         seconds = time.perf_counter() - started
         rates.append(len(order) / seconds)
-        print(f"Codec.decode one at a time, {threads} thread(s), {when}: {len(order)} records in {seconds:.2f} s = "
-              f"{rates[-1]:.1f} records/s ({1000 * seconds / len(order):.1f} ms/record)")
+        if say:
+            print(f"Codec.decode one at a time, {threads} thread(s): {len(order)} records in {seconds:.2f} s = "
+                  f"{rates[-1]:.1f} records/s ({1000 * seconds / len(order):.1f} ms/record)")
     torch.set_num_threads(default)
-    return rates
+    return max(rates)
 
 
 def main() -> None:
@@ -189,7 +193,9 @@ def main() -> None:
     parser.add_argument("--images", nargs="*", type=Path, default=sorted((ROOT / "examples").glob("*.jpg")))
     parser.add_argument("--clients", default="32,8", help="Concurrent clients of the throughput phases.")
     parser.add_argument("--requests", type=int, default=2000, help="Requests per throughput phase.")
-    parser.add_argument("--sequential", type=int, default=192, help="Records decoded one at a time for the baseline.")
+    parser.add_argument("--sequential", type=int, default=96,
+                        help="Records decoded one at a time for each timing of the baseline.")
+    parser.add_argument("--chunks", type=int, default=4, help="Parts of each phase, the baseline timed after each.")
     parser.add_argument("--faults-requests", type=int, default=10000, help="Requests of the last phase (0: skip).")
     parser.add_argument("--faults-clients", type=int, default=32)
     parser.add_argument("--bad-fraction", type=float, default=0.10)
@@ -215,17 +221,17 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
 
     order = [streams[i % len(streams)] for i in range(args.sequential)]
-    rates = time_one_at_a_time(codec, order, "before the server")
+    baseline = time_one_at_a_time(codec, order, say=True)
 
     server = Server(["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)])
     pid = server.process.pid
     print(f"featcodec serve --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}: "
           f"RSS {rss_mib(pid):.0f} MiB after start")
-    ok, served = True, []
+    ok = True
     try:
         warm = [(streams[i % len(streams)], expected[i % len(streams)]) for i in range(64)]
         asyncio.run(drive(server.url, warm, 8))
-        print(f"{'phase':<28} {'requests':>8} {'records/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
+        print(f"{'phase':<28} {'requests':>8} {'records/s':>10} {'x decode':>17} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'batch':>6} {'failures':>8} {'RSS MiB':>8} {'CPU server/clients':>18}")
         phases = [(f"{c} clients", int(c), args.requests, 0.0) for c in args.clients.split(",")]
         if args.faults_requests:
@@ -239,17 +245,25 @@ def main() -> None:
                     work.append((bad_variants(streams[index], rng), None))
                 else:
                     work.append((streams[index], expected[index]))
-            cpu_before = cpu_seconds(pid), cpu_seconds(os.getpid())
-            results, wall = asyncio.run(drive(server.url, work, clients))
-            server_cpu, client_cpu = (cpu_seconds(p) - before for p, before in zip((pid, os.getpid()), cpu_before))
+            results, wall, server_cpu, client_cpu, ratios = [], 0.0, 0.0, 0.0, []
+            for part in range(args.chunks):
+                share = work[part * len(work) // args.chunks : (part + 1) * len(work) // args.chunks]
+                cpu_before = cpu_seconds(pid), cpu_seconds(os.getpid())
+                part_results, part_wall = asyncio.run(drive(server.url, share, clients))
+                server_cpu += cpu_seconds(pid) - cpu_before[0]
+                client_cpu += cpu_seconds(os.getpid()) - cpu_before[1]
+                results, wall = results + part_results, wall + part_wall
+                after = time_one_at_a_time(codec, order)
+                ratios.append(sum(r[2] is not None for r in part_results) / part_wall / max(baseline, after))
+                baseline = after
             valid = [r for r in results if r[2] is not None]
             latencies = [1000 * r[0] for r in valid]
             problems = failures(results)
             ok &= not problems
             rate = len(valid) / wall
             batch = statistics.mean(r[4] for r in valid)  # records in the batch of a valid request, on average
-            served.append((name, rate))
-            print(f"{name:<28} {count:>8} {rate:>10.1f} {statistics.median(latencies):>7.1f} "
+            spread = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            print(f"{name:<28} {count:>8} {rate:>10.1f} {spread:>17} {statistics.median(latencies):>7.1f} "
                   f"{percentile(latencies, 99):>7.1f} {batch:>6.1f} {len(problems):>8} {rss_mib(pid):>8.0f} "
                   f"{server_cpu / wall:>9.2f}/{client_cpu / wall:<8.2f}")
             for problem in problems[:5]:
@@ -261,9 +275,6 @@ def main() -> None:
     finally:
         code = server.stop()
         print(f"server exit code after SIGTERM: {code}; log: {server.log.name}")
-    rates += time_one_at_a_time(codec, order, "after the server")
-    print(f"records/s over one-at-a-time Codec.decode (its fastest timing, {max(rates):.1f} records/s): "
-          + ", ".join(f"{name} {rate / max(rates):.2f}x" for name, rate in served))
     sys.exit(0 if ok and code == 0 else 1)
 
 
