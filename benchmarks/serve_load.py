@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import random
@@ -41,6 +42,7 @@ from _bootstrap import ROOT  # quiets compressai's import warning, finds featcod
 import httpx
 import torch
 
+from featcodec.batch_decode import TAIL_LAYOUT
 from featcodec.codec import Codec
 
 TOLERANCE = 1e-4
@@ -151,22 +153,29 @@ def failures(results: list) -> list[str]:
 
 @torch.no_grad()
 def tail_batches(split: str, sizes=(1, 2, 4, 8, 16, 32), repeats: int = 20) -> None:
-    """Median ms per image of the tail at each batch size, on torch's default threads and on one
-    (what the server's COMPUTE_CHUNK and its one-torch-thread decoding threads rest on)."""
+    """Median ms per image of the tail at each batch size, in the default layout and in the server's
+    channels_last, on torch's default threads and on one (what the server's COMPUTE_CHUNK,
+    TAIL_LAYOUT and its one-torch-thread decoding threads rest on); the layouts alternate."""
     codec = Codec.load("efficientnet_lite0", split)
     (result,) = codec.decode(codec.encode([ROOT / "examples" / "coffee.jpg"], rate=3))
+    tails = {"default": codec.model.tail, "channels_last": copy.deepcopy(codec.model.tail).to(memory_format=TAIL_LAYOUT)}
     for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
         torch.set_num_threads(threads)
-        print(f"efficientnet_lite0/{split} tail, {threads} thread(s), median of {repeats}:")
+        print(f"efficientnet_lite0/{split} tail, {threads} thread(s), median of {repeats}, ms/image "
+              f"(default layout / channels_last):")
         for size in sizes:
             batch = result.features.expand(size, *result.features.shape).contiguous()
-            codec.model.tail(batch)
-            times = []
+            inputs = {"default": batch, "channels_last": batch.contiguous(memory_format=TAIL_LAYOUT)}
+            times = {name: [] for name in tails}
+            for name, tail in tails.items():
+                tail(inputs[name])
             for _ in range(repeats):
-                started = time.perf_counter()
-                codec.model.tail(batch)
-                times.append(time.perf_counter() - started)
-            print(f"  batch {size:>2}: {1000 * statistics.median(times) / size:.2f} ms/image")
+                for name, tail in tails.items():
+                    started = time.perf_counter()
+                    tail(inputs[name])
+                    times[name].append(time.perf_counter() - started)
+            default, last = (1000 * statistics.median(times[name]) / size for name in tails)
+            print(f"  batch {size:>2}: {default:.2f} / {last:.2f}")
 
 
 def time_one_at_a_time(codec: Codec, order: list[bytes], say: bool = False) -> float:

@@ -57,9 +57,18 @@ def assert_rows_match(rows: list[dict], results, top: int = 5) -> None:
 def test_a_batch_decodes_as_codec_decode(setup):
     codec, cache, streams = setup
     requests = [DecodeRequest(_with_sizes(data), top=3) for data in streams]
+    layouts = []  # the server's tails take their batches in channels_last (TAIL_LAYOUT)
     for chunk in (1, 8):
         for data, answer in zip(streams, decode_requests(cache, requests, chunk=chunk)):
             assert_rows_match(answer, expected(codec, data), top=3)
+        if chunk == 1:
+            (model,) = cache.models.values()  # loaded on first use
+            hook = model.tail.register_forward_pre_hook(
+                lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                                    and not args[0].is_contiguous())
+            )
+    hook.remove()
+    assert layouts and all(layouts)
     features = decode_requests(cache, [DecodeRequest(_with_sizes(streams[-1]), features=True)])[0]
     from safetensors.torch import load
 
