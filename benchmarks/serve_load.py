@@ -5,11 +5,14 @@ ladder of ``--split`` (each rung, or a variable-rate BU's rates 0, 1, ...) into
 one-record streams, times ``Codec.decode`` on them one at a time in this process
 (with torch's default threads and with one), then starts ``featcodec serve`` on
 127.0.0.1 and drives it with N concurrent clients (async httpx, one connection
-each). Per phase it prints records/s and p50/p99 latency, and checks every
-answer: a valid stream must give the top-1 of ``Codec.decode`` with probabilities within 1e-4,
-a corrupt or truncated one a 4xx with a JSON error. The server's RSS is read
-from /proc at the start and after each phase, and the cores the server and the
-clients (this process) kept busy over the phase, from their CPU seconds.
+each), spread over ``--client-processes`` (one Python process turning answers
+into new requests one after another left the server idle a third of the time:
+docs/serve.md). Per phase it prints records/s and p50/p99 latency, and checks
+every answer: a valid stream must give the top-1 of ``Codec.decode`` with
+probabilities within 1e-4, a corrupt or truncated one a 4xx with a JSON error.
+The server's RSS is read from /proc at the start and after each phase, and the
+cores the server and the client processes kept busy over the phase, from their
+CPU seconds.
 
 The machine's speed can drift by more than the goal's margin within a minute,
 so each phase runs in ``--chunks`` parts with ``Codec.decode`` timed again
@@ -28,6 +31,7 @@ import argparse
 import asyncio
 import copy
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from _bootstrap import ROOT  # quiets compressai's import warning, finds featcodec
@@ -131,6 +136,23 @@ async def drive(url: str, work: list[tuple[bytes, object]], clients: int) -> tup
     return results, time.perf_counter() - started
 
 
+def drive_share(url: str, work: list[tuple[bytes, object]], clients: int) -> tuple[list, float]:
+    """:func:`drive` in a client process of its own (``--client-processes``)."""
+    return asyncio.run(drive(url, work, clients))
+
+
+def drive_all(url: str, work: list[tuple[bytes, object]], clients: int, pool) -> tuple[list, float]:
+    """:func:`drive` here, or with ``pool`` the work and the clients shared among its processes."""
+    if pool is None:
+        return asyncio.run(drive(url, work, clients))
+    count = pool._max_workers
+    shares = [work[i::count] for i in range(count)]
+    per_process = [clients // count + (i < clients % count) for i in range(count)]
+    started = time.perf_counter()
+    parts = list(pool.map(drive_share, [url] * count, shares, per_process))
+    return [result for results, _ in parts for result in results], time.perf_counter() - started
+
+
 def failures(results: list) -> list[str]:
     """What went wrong, per answer: a valid stream must give decode's top-1 and probabilities, a bad one a 4xx."""
     problems = []
@@ -205,6 +227,8 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=96,
                         help="Records decoded one at a time for each timing of the baseline.")
     parser.add_argument("--chunks", type=int, default=4, help="Parts of each phase, the baseline timed after each.")
+    parser.add_argument("--client-processes", type=int, default=2,
+                        help="Processes the clients are spread over (1: all in this one, which starved the server).")
     parser.add_argument("--faults-requests", type=int, default=10000, help="Requests of the last phase (0: skip).")
     parser.add_argument("--faults-clients", type=int, default=32)
     parser.add_argument("--bad-fraction", type=float, default=0.10)
@@ -236,10 +260,13 @@ def main() -> None:
     pid = server.process.pid
     print(f"featcodec serve --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}: "
           f"RSS {rss_mib(pid):.0f} MiB after start")
-    ok = True
+    ok, pool = True, None
+    if args.client_processes > 1:
+        pool = ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
     try:
         warm = [(streams[i % len(streams)], expected[i % len(streams)]) for i in range(64)]
-        asyncio.run(drive(server.url, warm, 8))
+        drive_all(server.url, warm, 8, pool)
+        clients_pids = [os.getpid(), *(pool._processes if pool else ())]
         print(f"{'phase':<28} {'requests':>8} {'records/s':>10} {'x decode':>17} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'batch':>6} {'failures':>8} {'RSS MiB':>8} {'CPU server/clients':>18}")
         phases = [(f"{c} clients", int(c), args.requests, 0.0) for c in args.clients.split(",")]
@@ -257,10 +284,10 @@ def main() -> None:
             results, wall, server_cpu, client_cpu, ratios = [], 0.0, 0.0, 0.0, []
             for part in range(args.chunks):
                 share = work[part * len(work) // args.chunks : (part + 1) * len(work) // args.chunks]
-                cpu_before = cpu_seconds(pid), cpu_seconds(os.getpid())
-                part_results, part_wall = asyncio.run(drive(server.url, share, clients))
+                cpu_before = cpu_seconds(pid), sum(map(cpu_seconds, clients_pids))
+                part_results, part_wall = drive_all(server.url, share, clients, pool)
                 server_cpu += cpu_seconds(pid) - cpu_before[0]
-                client_cpu += cpu_seconds(os.getpid()) - cpu_before[1]
+                client_cpu += sum(map(cpu_seconds, clients_pids)) - cpu_before[1]
                 results, wall = results + part_results, wall + part_wall
                 after = time_one_at_a_time(codec, order)
                 ratios.append(sum(r[2] is not None for r in part_results) / part_wall / max(baseline, after))
@@ -282,6 +309,8 @@ def main() -> None:
                       f"{sum(400 <= r[1] < 500 for r in results if r[2] is None)} answered 4xx; "
                       f"{len(valid)} valid, {sum(r[1] == 200 for r in valid)} answered 200")
     finally:
+        if pool is not None:
+            pool.shutdown()
         code = server.stop()
         print(f"server exit code after SIGTERM: {code}; log: {server.log.name}")
     sys.exit(0 if ok and code == 0 else 1)
