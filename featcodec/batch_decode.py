@@ -33,7 +33,7 @@ from .ladder import LadderError, find_ladder, find_ladder_by_tag, load_ladder
 # --tail-batches` prints the figures; docs/serve.md quotes them).
 COMPUTE_CHUNK = 8
 # The server's tails keep their weights, and take their batches, in channels_last: stage3's tail
-# took 5-30 % less time per image than in the default layout at every batch size from 1 to 32, on
+# took 2.5-30 % less time per image than in the default layout at every batch size from 1 to 32, on
 # one thread and on two (`python benchmarks/serve_load.py --tail-batches`); logits move by about 1e-6.
 TAIL_LAYOUT = torch.channels_last
 
