@@ -141,11 +141,10 @@ def drive_share(url: str, work: list[tuple[bytes, object]], clients: int) -> tup
     return asyncio.run(drive(url, work, clients))
 
 
-def drive_all(url: str, work: list[tuple[bytes, object]], clients: int, pool) -> tuple[list, float]:
-    """:func:`drive` here, or with ``pool`` the work and the clients shared among its processes."""
+def drive_all(url: str, work: list[tuple[bytes, object]], clients: int, pool, count: int) -> tuple[list, float]:
+    """:func:`drive` here, or with ``pool`` the work and the clients shared among its ``count`` processes."""
     if pool is None:
         return asyncio.run(drive(url, work, clients))
-    count = pool._max_workers
     shares = [work[i::count] for i in range(count)]
     per_process = [clients // count + (i < clients % count) for i in range(count)]
     started = time.perf_counter()
@@ -265,7 +264,7 @@ def main() -> None:
         pool = ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
     try:
         warm = [(streams[i % len(streams)], expected[i % len(streams)]) for i in range(64)]
-        drive_all(server.url, warm, 8, pool)
+        drive_all(server.url, warm, 8, pool, args.client_processes)
         clients_pids = [os.getpid(), *(pool._processes if pool else ())]
         print(f"{'phase':<28} {'requests':>8} {'records/s':>10} {'x decode':>17} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'batch':>6} {'failures':>8} {'RSS MiB':>8} {'CPU server/clients':>18}")
@@ -285,7 +284,7 @@ def main() -> None:
             for part in range(args.chunks):
                 share = work[part * len(work) // args.chunks : (part + 1) * len(work) // args.chunks]
                 cpu_before = cpu_seconds(pid), sum(map(cpu_seconds, clients_pids))
-                part_results, part_wall = drive_all(server.url, share, clients, pool)
+                part_results, part_wall = drive_all(server.url, share, clients, pool, args.client_processes)
                 server_cpu += cpu_seconds(pid) - cpu_before[0]
                 client_cpu += sum(map(cpu_seconds, clients_pids)) - cpu_before[1]
                 results, wall = results + part_results, wall + part_wall
