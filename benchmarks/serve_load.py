@@ -47,7 +47,7 @@ from _bootstrap import ROOT  # quiets compressai's import warning, finds featcod
 import httpx
 import torch
 
-from featcodec.batch_decode import TAIL_LAYOUT
+from featcodec.batch_decode import TAIL_LAYOUT, server_tail
 from featcodec.codec import Codec
 
 TOLERANCE = 1e-4
@@ -173,20 +173,26 @@ def failures(results: list) -> list[str]:
 
 
 @torch.no_grad()
-def tail_batches(split: str, sizes=(1, 2, 4, 8, 16, 32), repeats: int = 20) -> None:
-    """Median ms per image of the tail at each batch size, in the default layout and in the server's
-    channels_last, on torch's default threads and on one (what the server's COMPUTE_CHUNK,
-    TAIL_LAYOUT and its one-torch-thread decoding threads rest on); the layouts alternate."""
+def tail_batches(split: str, sizes=(1, 2, 4, 8, 12, 16, 24, 32), repeats: int = 20) -> None:
+    """Median ms per image of the tail at each batch size: as ``Codec.decode`` runs it, in channels_last,
+    and as the server runs it (batch norms folded, channels_last), on torch's default threads and on
+    one (what the server's COMPUTE_CHUNK, tail form and one-torch-thread decoding threads rest on);
+    the three alternate."""
     codec = Codec.load("efficientnet_lite0", split)
     (result,) = codec.decode(codec.encode([ROOT / "examples" / "coffee.jpg"], rate=3))
-    tails = {"default": codec.model.tail, "channels_last": copy.deepcopy(codec.model.tail).to(memory_format=TAIL_LAYOUT)}
+    tails = {
+        "default": codec.model.tail,
+        "channels_last": copy.deepcopy(codec.model.tail).to(memory_format=TAIL_LAYOUT),
+        "server": server_tail(codec.model.tail),
+    }
     for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
         torch.set_num_threads(threads)
         print(f"efficientnet_lite0/{split} tail, {threads} thread(s), median of {repeats}, ms/image "
-              f"(default layout / channels_last):")
+              f"(default / channels_last / folded and channels_last, as the server):")
         for size in sizes:
             batch = result.features.expand(size, *result.features.shape).contiguous()
-            inputs = {"default": batch, "channels_last": batch.contiguous(memory_format=TAIL_LAYOUT)}
+            inputs = {name: batch if name == "default" else batch.contiguous(memory_format=TAIL_LAYOUT)
+                      for name in tails}
             times = {name: [] for name in tails}
             for name, tail in tails.items():
                 tail(inputs[name])
@@ -195,8 +201,8 @@ def tail_batches(split: str, sizes=(1, 2, 4, 8, 16, 32), repeats: int = 20) -> N
                     started = time.perf_counter()
                     tail(inputs[name])
                     times[name].append(time.perf_counter() - started)
-            default, last = (1000 * statistics.median(times[name]) / size for name in tails)
-            print(f"  batch {size:>2}: {default:.2f} / {last:.2f}")
+            print(f"  batch {size:>2}: " + " / ".join(
+                f"{1000 * statistics.median(times[name]) / size:.2f}" for name in tails))
 
 
 def time_one_at_a_time(codec: Codec, order: list[bytes], say: bool = False) -> float:

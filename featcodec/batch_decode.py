@@ -24,17 +24,20 @@ from typing import Callable, Union
 import torch
 
 from .backbones import DEFAULT_BACKBONE, SplitModel, backbone_by_id, get_backbone, load_split_model
+from .backbones.folding import fold_batch_norms
 from .bitstream import ParsedRecord, Record
 from .codec import Codec, DecodedImage
 from .ladder import LadderError, find_ladder, find_ladder_by_tag, load_ladder
 
-# The BU decoders and tails run on at most this many records at a time: on the 2-core CPU a
-# stage3 tail batch over 8 cost more per image than a batch of 8 (`python benchmarks/serve_load.py
-# --tail-batches` prints the figures; docs/serve.md quotes them).
-COMPUTE_CHUNK = 8
-# The server's tails keep their weights, and take their batches, in channels_last: stage3's tail
-# took 2.5-30 % less time per image than in the default layout at every batch size from 1 to 32, on
-# one thread and on two (`python benchmarks/serve_load.py --tail-batches`); logits move by about 1e-6.
+# The BU decoders and tails run on at most this many records at a time. The server's decoding
+# threads run torch on one thread each, and there the tails of every shipped split, as the server
+# runs them (`server_tail`), cost least per image from a batch of 16 on (at 16 torch's CPU
+# convolutions take oneDNN's path for 1x1 kernels too); stage3's tail: 9.5 ms an image at batch 1,
+# 7.1 at 8, 6.4 at 16 (`python benchmarks/serve_load.py --tail-batches`; docs/serve.md).
+COMPUTE_CHUNK = 16
+# The server's tails fold their batch norms into the convolutions (`fold_batch_norms`) and keep their
+# weights, and take their batches, in channels_last: together about 10-15 % less time per image at
+# every batch size (same command); logits move by about 1e-5.
 TAIL_LAYOUT = torch.channels_last
 
 Answer = Union[list, bytes, Exception]  # JSON rows, safetensors bytes, or why the request was refused
@@ -98,7 +101,7 @@ class CodecCache:
         codec = Codec(spec, point, None, ladder)  # refuses a ladder of another split before loading a model
         if (spec.name, point.name) not in self.models:
             model = load_split_model(spec.name, point.name, self.backbone_weights, self.random_init)
-            model.tail.to(memory_format=TAIL_LAYOUT)
+            model.tail = server_tail(model.tail)
             self.models[spec.name, point.name] = model
         codec.model = self.models[spec.name, point.name]
         self.codecs[key] = codec
@@ -106,6 +109,11 @@ class CodecCache:
         log(f"loaded {spec.name}/{point.name} with {path} ({rates}, weights tag "
             f"{ladder.weights_tag.hex()}) in {time.perf_counter() - started:.1f} s")
         return codec
+
+
+def server_tail(tail: torch.nn.Module) -> torch.nn.Module:
+    """``tail`` as the server runs it: batch norms folded into the convolutions, weights in TAIL_LAYOUT."""
+    return fold_batch_norms(tail).to(memory_format=TAIL_LAYOUT)
 
 
 @lru_cache(maxsize=64)
