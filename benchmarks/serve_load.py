@@ -12,7 +12,8 @@ every answer: a valid stream must give the top-1 of ``Codec.decode`` with
 probabilities within 1e-4, a corrupt or truncated one a 4xx with a JSON error.
 The server's RSS is read from /proc at the start and after each phase, and the
 cores the server and the client processes kept busy over the phase, from their
-CPU seconds.
+CPU seconds. For reference it also times ``Codec.decode`` with the tail in the
+server's form (batch norms folded, channels_last): what batching alone gains.
 
 The machine's speed can drift by more than the goal's margin within a minute,
 so each phase runs in ``--chunks`` parts with ``Codec.decode`` timed again
@@ -34,6 +35,7 @@ import json
 import multiprocessing
 import os
 import random
+import ssl
 import statistics
 import subprocess
 import sys
@@ -48,6 +50,7 @@ import httpx
 import torch
 
 from featcodec.batch_decode import TAIL_LAYOUT, server_tail
+from featcodec.backbones import SplitModel
 from featcodec.codec import Codec
 
 TOLERANCE = 1e-4
@@ -112,13 +115,16 @@ class Server:
 async def drive(url: str, work: list[tuple[bytes, object]], clients: int) -> tuple[list, float]:
     """Send ``work`` (stream, expected answer or None for a bad one) with ``clients`` concurrent clients.
 
-    Returns ((latency s, status, expected, answer body, records in its batch), ...) and the wall time.
+    Returns ((latency s, status, expected, answer body, records in its batch), ...) and the wall time,
+    from the first request (the clients are made before: each would load the CA certificates).
     """
     queue = list(reversed(work))
     results = []
+    context = ssl.create_default_context()  # plain HTTP here, but every client would make its own
+    sessions = [httpx.AsyncClient(timeout=120, verify=context) for _ in range(clients)]
 
-    async def client() -> None:
-        async with httpx.AsyncClient(timeout=120) as session:
+    async def client(session: httpx.AsyncClient) -> None:
+        async with session:
             while queue:
                 data, expected = queue.pop()
                 started = time.perf_counter()
@@ -132,7 +138,7 @@ async def drive(url: str, work: list[tuple[bytes, object]], clients: int) -> tup
                 results.append((time.perf_counter() - started, status, expected, body, batch))
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(session) for session in sessions))
     return results, time.perf_counter() - started
 
 
@@ -260,6 +266,9 @@ def main() -> None:
 
     order = [streams[i % len(streams)] for i in range(args.sequential)]
     baseline = time_one_at_a_time(codec, order, say=True)
+    served = Codec(codec.spec, codec.split, SplitModel(codec.model.head, server_tail(codec.model.tail)), codec.ladder)
+    print(f"Codec.decode one at a time with the server's tails (batch norms folded, channels_last; not the "
+          f"baseline of x): {time_one_at_a_time(served, order):.1f} records/s")
 
     server = Server(["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)])
     pid = server.process.pid
