@@ -45,6 +45,16 @@ class ConvOutputUsedTwice(nn.Module):
         return self.norm(y) + y
 
 
+class ConvCalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3).eval()
+
+    def forward(self, x):
+        return self.norm(self.conv(x)) + self.conv(x)
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()
@@ -56,8 +66,8 @@ class DataDependent(nn.Module):
 
 
 def test_only_a_batch_norm_that_alone_takes_a_conv_output_is_folded():
-    kept = ConvOutputUsedTwice().eval()
-    assert fold_batch_norms(kept) is kept
+    for kept in (ConvOutputUsedTwice().eval(), ConvCalledTwice().eval()):
+        assert fold_batch_norms(kept) is kept
     untraceable = DataDependent().eval()
     assert fold_batch_norms(untraceable) is untraceable
     training = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))  # training mode: statistics still move

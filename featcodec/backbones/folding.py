@@ -9,6 +9,7 @@ nowhere else, is folded; torch's ``fuse_conv_bn_eval`` computes the new weights.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -46,12 +47,15 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
         return module
     folded = fx.GraphModule(copy.deepcopy(module), graph, class_name=type(module).__name__)
     submodules = dict(folded.named_modules())
+    calls = Counter(node.target for node in folded.graph.nodes if node.op == "call_module")
     changed = False
     for node in list(folded.graph.nodes):
         if node.op != "call_module" or not isinstance(submodules[node.target], nn.BatchNorm2d):
             continue
-        source = node.args[0]
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1):
+            continue
+        if calls[source.target] != 1 or calls[node.target] != 1:  # a layer called twice keeps its weights
             continue
         conv, norm = submodules[source.target], submodules[node.target]
         remains = _what_remains(norm)
