@@ -30,14 +30,15 @@ from .codec import Codec, DecodedImage
 from .ladder import LadderError, find_ladder, find_ladder_by_tag, load_ladder
 
 # The BU decoders and tails run on at most this many records at a time. The server's decoding
-# threads run torch on one thread each, and there the tails of every shipped split, as the server
-# runs them (`server_tail`), cost least per image from a batch of 16 on (at 16 torch's CPU
-# convolutions take oneDNN's path for 1x1 kernels too); stage3's tail: 9.5 ms an image at batch 1,
-# 7.1 at 8, 6.4 at 16 (`python benchmarks/serve_load.py --tail-batches`; docs/serve.md).
+# threads run torch on one thread each, and there the tails of the shipped splits, as the server
+# runs them (`server_tail`), cost about least per image at 16 (where torch's CPU convolutions take
+# oneDNN's path for 1x1 kernels too): stage3's 9.9 ms an image at batch 1, 7.0 at 8, 6.5 at 16,
+# 7.2 at 24; stage2's and stage5's 3-12 % less again at 24 (`python benchmarks/serve_load.py
+# --tail-batches [--split S]`; docs/serve.md).
 COMPUTE_CHUNK = 16
 # The server's tails fold their batch norms into the convolutions (`fold_batch_norms`) and keep their
-# weights, and take their batches, in channels_last: together about 10-15 % less time per image at
-# every batch size (same command); logits move by about 1e-5.
+# weights, and take their batches, in channels_last: 9-42 % less time per image than the tail as
+# `Codec.decode` runs it at every batch size and split measured (same command); logits move by about 1e-5.
 TAIL_LAYOUT = torch.channels_last
 
 Answer = Union[list, bytes, Exception]  # JSON rows, safetensors bytes, or why the request was refused

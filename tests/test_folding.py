@@ -20,7 +20,7 @@ def batch_norms(module: nn.Module) -> int:
 def test_folded_tail_gives_the_same_logits(backbone, split, shape):
     model = load_split_model(backbone, split, random_init=backbone != "efficientnet_lite0")
     torch.manual_seed(0)
-    for norm in model.tail.modules():  # random weights have plain statistics: make them matter
+    for norm in model.tail.modules():  # statistics far from (0, 1), so that folding them matters
         if isinstance(norm, nn.BatchNorm2d):
             norm.running_mean.uniform_(-0.5, 0.5)
             norm.running_var.uniform_(0.5, 2.0)
