@@ -142,20 +142,24 @@ async def drive(url: str, work: list[tuple[bytes, object]], clients: int) -> tup
     return results, time.perf_counter() - started
 
 
-def drive_share(url: str, work: list[tuple[bytes, object]], clients: int) -> tuple[list, float]:
-    """:func:`drive` in a client process of its own (``--client-processes``)."""
-    return asyncio.run(drive(url, work, clients))
+def drive_share(url: str, work: list[tuple[bytes, object]], clients: int) -> tuple[list, float, float]:
+    """:func:`drive` in this process: its results and wall time, and the CPU seconds this process spent."""
+    cpu = time.process_time()
+    results, wall = asyncio.run(drive(url, work, clients))
+    return results, wall, time.process_time() - cpu
 
 
-def drive_all(url: str, work: list[tuple[bytes, object]], clients: int, pool, count: int) -> tuple[list, float]:
-    """:func:`drive` here, or with ``pool`` the work and the clients shared among its ``count`` processes."""
+def drive_all(url: str, work: list[tuple[bytes, object]], clients: int, pool, count: int) -> tuple[list, float, float]:
+    """:func:`drive_share` here, or with ``pool`` the work and the clients shared among its ``count``
+    processes (the wall time then from before the first share starts to after the last ends)."""
     if pool is None:
-        return asyncio.run(drive(url, work, clients))
+        return drive_share(url, work, clients)
     shares = [work[i::count] for i in range(count)]
     per_process = [clients // count + (i < clients % count) for i in range(count)]
     started = time.perf_counter()
     parts = list(pool.map(drive_share, [url] * count, shares, per_process))
-    return [result for results, _ in parts for result in results], time.perf_counter() - started
+    wall = time.perf_counter() - started
+    return [result for results, _, _ in parts for result in results], wall, sum(cpu for _, _, cpu in parts)
 
 
 def failures(results: list) -> list[str]:
@@ -280,7 +284,6 @@ def main() -> None:
     try:
         warm = [(streams[i % len(streams)], expected[i % len(streams)]) for i in range(64)]
         drive_all(server.url, warm, 8, pool, args.client_processes)
-        clients_pids = [os.getpid(), *(pool._processes if pool else ())]
         print(f"{'phase':<28} {'requests':>8} {'records/s':>10} {'x decode':>17} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'batch':>6} {'failures':>8} {'RSS MiB':>8} {'CPU server/clients':>18}")
         phases = [(f"{c} clients", int(c), args.requests, 0.0) for c in args.clients.split(",")]
@@ -298,10 +301,10 @@ def main() -> None:
             results, wall, server_cpu, client_cpu, ratios = [], 0.0, 0.0, 0.0, []
             for part in range(args.chunks):
                 share = work[part * len(work) // args.chunks : (part + 1) * len(work) // args.chunks]
-                cpu_before = cpu_seconds(pid), sum(map(cpu_seconds, clients_pids))
-                part_results, part_wall = drive_all(server.url, share, clients, pool, args.client_processes)
-                server_cpu += cpu_seconds(pid) - cpu_before[0]
-                client_cpu += sum(map(cpu_seconds, clients_pids)) - cpu_before[1]
+                cpu_before = cpu_seconds(pid)
+                part_results, part_wall, part_cpu = drive_all(server.url, share, clients, pool, args.client_processes)
+                server_cpu += cpu_seconds(pid) - cpu_before
+                client_cpu += part_cpu
                 results, wall = results + part_results, wall + part_wall
                 after = time_one_at_a_time(codec, order)
                 ratios.append(sum(r[2] is not None for r in part_results) / part_wall / max(baseline, after))

@@ -34,33 +34,27 @@ def test_folded_tail_gives_the_same_logits(backbone, split, shape):
     assert all(torch.equal(value, before[name]) for name, value in model.tail.state_dict().items())
 
 
-class ConvOutputUsedTwice(nn.Module):
+class ConvThenNorm(nn.Module):
+    """A conv and an eval-mode batch norm; the subclasses wire them in ways that must not be folded."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
         self.norm = nn.BatchNorm2d(3).eval()
 
+
+class ConvOutputUsedTwice(ConvThenNorm):
     def forward(self, x):
         y = self.conv(x)
         return self.norm(y) + y
 
 
-class ConvCalledTwice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
-        self.norm = nn.BatchNorm2d(3).eval()
-
+class ConvCalledTwice(ConvThenNorm):
     def forward(self, x):
         return self.norm(self.conv(x)) + self.conv(x)
 
 
-class DataDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 1)
-        self.norm = nn.BatchNorm2d(3).eval()
-
+class DataDependent(ConvThenNorm):
     def forward(self, x):
         return self.norm(self.conv(x)) if x.sum() > 0 else x
 
